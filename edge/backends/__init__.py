@@ -1,0 +1,1 @@
+"""Inference backends behind one narrow interface (:class:`edge.backends.base.Runner`)."""

@@ -1,0 +1,64 @@
+"""ONNX Runtime backend: the CPU default (and the reference TensorRT is compared against)."""
+
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import numpy as np
+
+from edge.backends.base import Runner, TensorMeta
+from edge.errors import InputError
+
+_ORT_TYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(uint8)": np.dtype(np.uint8),
+}
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs an ONNX model with ONNX Runtime (CPU execution provider by default)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_path, providers: Optional[Sequence[str]] = None, intra_op_threads: int = 0):
+        super().__init__()
+        self.model_path = str(model_path)
+        self.providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self.intra_op_threads = intra_op_threads
+        self.session = None
+
+    def _activate_impl(self):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self.intra_op_threads:
+            opts.intra_op_num_threads = self.intra_op_threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(self.model_path, sess_options=opts, providers=self.providers)
+        except Exception as e:  # ORT raises several unrelated exception types for bad models
+            raise InputError(self.model_path, f"ONNX Runtime cannot load the model: {e}") from None
+
+    def _deactivate_impl(self):
+        self.session = None
+
+    def _input_metadata_impl(self):
+        meta = OrderedDict()
+        for i in self.session.get_inputs():
+            shape = tuple(d if isinstance(d, int) else None for d in i.shape)
+            meta[i.name] = TensorMeta(i.name, _ORT_TYPES.get(i.type, np.dtype(np.float32)), shape)
+        return meta
+
+    def _infer_impl(self, feed):
+        names = [o.name for o in self.session.get_outputs()]
+        outs = self.session.run(names, dict(feed))
+        return OrderedDict(zip(names, outs))
+
+    def custom_metadata(self) -> dict:
+        """The ONNX file's metadata_props (where the preprocessing and decode specs travel)."""
+        self._require_active()
+        return dict(self.session.get_modelmeta().custom_metadata_map)

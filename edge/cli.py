@@ -1,0 +1,114 @@
+"""``edge`` command line. Parses arguments and calls library code; user-facing
+errors (:class:`edge.errors.EdgeError`) print one line and exit 1."""
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from edge.errors import EdgeError
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+def default_model_path() -> Path:
+    for name in ("student.onnx", "teacher.onnx"):
+        p = MODELS_DIR / name
+        if p.is_file():
+            return p
+    raise EdgeError(f"no model given and none committed in {MODELS_DIR}; pass --model MODEL.onnx")
+
+
+def _open_runner(model_path):
+    from edge.backends.onnxruntime_runner import OnnxRuntimeRunner
+    from edge.model_file import ModelSpecs
+
+    runner = OnnxRuntimeRunner(model_path).activate()
+    specs = ModelSpecs.from_metadata(runner.custom_metadata(), source=model_path)
+    return runner, specs
+
+
+def cmd_detect(args) -> int:
+    from edge.offline import detect_folder, write_predictions_csv, write_rejections_csv
+
+    model = Path(args.model) if args.model else default_model_path()
+    runner, specs = _open_runner(model)
+    t0 = time.perf_counter()
+
+    def report(result):
+        print(f"series {result.series_uid}: {result.n_slices} slices, {len(result.findings)} finding(s)", flush=True)
+
+    try:
+        run = detect_folder(args.dir, runner, specs, on_series=report)
+    finally:
+        runner.deactivate()
+    write_predictions_csv(args.out, run)
+    if run.rejected:
+        rej = Path(args.out).with_suffix(".rejected.csv")
+        write_rejections_csv(rej, run)
+        print(f"{len(run.rejected)} file(s) not used, reasons in {rej}")
+        for r in run.rejected[:5]:
+            print(f"  skipped {r.path}: {r.reason}")
+    n_slices = sum(s.n_slices for s in run.series)
+    dt = time.perf_counter() - t0
+    print(f"{len(run.series)} series, {n_slices} slices in {dt:.1f} s; predictions written to {args.out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    model = Path(args.model) if args.model else default_model_path()
+    runner, specs = _open_runner(model)
+    meta = runner.input_metadata()
+    runner.deactivate()
+    print(json.dumps({
+        "model": str(model),
+        "inputs": {k: [str(v.dtype), list(v.shape)] for k, v in meta.items()},
+        "preprocess": specs.preprocess.to_dict(),
+        "decode": specs.decode.to_dict(),
+        "card": specs.card,
+    }, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge", description="CT lung-nodule detection runtime")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("detect", help="offline detection over a folder of DICOM series -> LUNA16 predictions CSV")
+    d.add_argument("dir", help="folder with DICOM series (any layout; non-DICOM files are skipped and reported)")
+    d.add_argument("--model", help="ONNX model with embedded specs (default: the committed model)")
+    d.add_argument("--out", default="predictions.csv", help="predictions CSV (default: %(default)s)")
+    d.set_defaults(func=cmd_detect)
+
+    i = sub.add_parser("info", help="print a model's inputs and embedded specs")
+    i.add_argument("--model", help="ONNX model (default: the committed model)")
+    i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("selftest", help="run the CPU path on a generated phantom slice (no network needed)")
+    s.set_defaults(func=cmd_selftest)
+    return p
+
+
+def cmd_selftest(args) -> int:
+    from edge.selftest import run_selftest
+
+    for line in run_selftest():
+        print(line)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except EdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""A folder of DICOM files in any layout -> CT series, with every unusable file reported.
+
+Two passes keep memory bounded by one series: headers only to group files by
+series, then full decoding one series at a time. Nothing here stops on a bad
+file: each becomes a :class:`Rejection` naming the file and the reason.
+"""
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Tuple
+
+from edge.dicom.reader import read_frames, read_header
+from edge.errors import DicomError
+from edge.frame import CTFrame
+
+
+@dataclass(frozen=True)
+class Rejection:
+    path: str
+    reason: str
+
+
+@dataclass
+class SeriesFiles:
+    study_uid: str
+    series_uid: str
+    paths: List[str] = field(default_factory=list)
+
+
+def iter_files(root) -> Iterator[Path]:
+    """Regular files under ``root`` in a stable order (symlinked directories are not followed)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if p.is_file():
+                yield p
+
+
+def group_series(root) -> Tuple[List[SeriesFiles], List[Rejection]]:
+    """Group the CT files under ``root`` by series; everything else is a rejection."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DicomError(root, "not a directory")
+    groups: Dict[Tuple[str, str], SeriesFiles] = {}
+    rejected: List[Rejection] = []
+    for p in iter_files(root):
+        try:
+            h = read_header(p)
+        except DicomError as e:
+            rejected.append(Rejection(str(p), e.reason))
+            continue
+        if not h.is_ct:
+            rejected.append(Rejection(str(p), f"not a CT image (modality {h.modality or 'missing'}, SOP class {h.sop_class_uid or 'missing'})"))
+            continue
+        if not h.series_uid:
+            rejected.append(Rejection(str(p), "no SeriesInstanceUID"))
+            continue
+        if h.is_localizer:
+            rejected.append(Rejection(str(p), "localizer (scout) image, not part of the axial series"))
+            continue
+        key = h.series_key
+        groups.setdefault(key, SeriesFiles(*key)).paths.append(str(p))
+    return list(groups.values()), rejected
+
+
+def load_series(series: SeriesFiles) -> Tuple[List[CTFrame], List[Rejection]]:
+    """Decode every file of one series; files that fail become rejections."""
+    frames: List[CTFrame] = []
+    rejected: List[Rejection] = []
+    seen = defaultdict(int)
+    for p in series.paths:
+        try:
+            fs = read_frames(p)
+        except DicomError as e:
+            rejected.append(Rejection(p, e.reason))
+            continue
+        for f in fs:
+            key = (f.sop_uid, f.frame_index)
+            seen[key] += 1
+            if seen[key] > 1:
+                rejected.append(Rejection(p, f"duplicate SOP Instance UID {f.sop_uid} frame {f.frame_index}"))
+                continue
+            if f.is_localizer:
+                rejected.append(Rejection(p, "localizer frame"))
+                continue
+            frames.append(f)
+    return frames, rejected

@@ -1,0 +1,82 @@
+"""Offline detection over a folder of DICOM series (``edge detect``): LUNA16 predictions out."""
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from edge.backends.base import Runner
+from edge.decode.findings import Finding
+from edge.detector import SeriesDetector
+from edge.errors import InputError
+from edge.folder import Rejection, group_series, load_series
+from edge.model_file import ModelSpecs
+
+log = logging.getLogger(__name__)
+
+PREDICTION_HEADER = ("seriesuid", "coordX", "coordY", "coordZ", "probability", "diameter_mm")
+
+
+@dataclass
+class SeriesResult:
+    series_uid: str
+    n_slices: int
+    findings: List[Finding]
+
+
+@dataclass
+class DetectionRun:
+    series: List[SeriesResult] = field(default_factory=list)
+    rejected: List[Rejection] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+def detect_folder(
+    root,
+    runner: Runner,
+    specs: ModelSpecs,
+    min_slices: int = 3,
+    on_series: Optional[Callable[[SeriesResult], None]] = None,
+) -> DetectionRun:
+    """Detect nodules in every CT series under ``root``; unusable files and series are reported, not fatal."""
+    groups, rejected = group_series(root)
+    run = DetectionRun(rejected=rejected)
+    detector = SeriesDetector(runner, specs)
+    for g in groups:
+        frames, bad = load_series(g)
+        run.rejected += bad
+        if len(frames) < min_slices:
+            run.rejected += [Rejection(p, f"series has {len(frames)} usable slice(s), at least {min_slices} needed") for p in g.paths if p not in {b.path for b in bad}]
+            continue
+        try:
+            findings = detector.detect(frames)
+        except InputError as e:
+            run.rejected.append(Rejection(e.path, f"series {g.series_uid} skipped: {e.reason}"))
+            continue
+        result = SeriesResult(g.series_uid, len(frames), findings)
+        run.series.append(result)
+        if on_series:
+            on_series(result)
+    run.timings = {k: sum(v) / len(v) for k, v in detector.timings.items() if v}
+    return run
+
+
+def write_predictions_csv(path, run: DetectionRun) -> None:
+    """LUNA16 predictions (plus a diameter column, which LUNA16 readers ignore)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(PREDICTION_HEADER)
+        for s in run.series:
+            for fd in s.findings:
+                w.writerow([s.series_uid, f"{fd.x:.3f}", f"{fd.y:.3f}", f"{fd.z:.3f}", f"{fd.probability:.6f}", f"{fd.diameter_mm:.2f}"])
+
+
+def write_rejections_csv(path, run: DetectionRun) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("path", "reason"))
+        for r in run.rejected:
+            w.writerow((r.path, r.reason))
