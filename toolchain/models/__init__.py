@@ -1,0 +1,1 @@
+"""Detector architectures (PyTorch)."""

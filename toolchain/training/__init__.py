@@ -1,0 +1,1 @@
+"""Training the detector: targets, data, losses, the training loop."""

@@ -1,0 +1,32 @@
+"""Default specs and architectures: the one place the model's input/output contract is set."""
+
+from edge.decode.spec import DecodeSpec
+from edge.preprocess.spec import WINDOW_PRESETS, PreprocessSpec
+from toolchain.models.centernet_unet import OUTPUT_STRIDE
+
+# 2.5D: three adjacent slices in the lung window, resampled to a fixed physical
+# pixel size so nodule size in pixels does not depend on the scanner's spacing.
+DEFAULT_PREPROCESS = PreprocessSpec(
+    windows=(WINDOW_PRESETS["lung"],),
+    out_height=256,
+    out_width=256,
+    slices=3,
+    pixel_size_mm=1.5,
+    mean=0.0,
+    std=1.0,
+    fill_hu=-1024.0,
+)
+
+# A low threshold keeps the whole FROC curve; operating points are chosen downstream.
+DEFAULT_DECODE = DecodeSpec(
+    stride=OUTPUT_STRIDE,
+    score_threshold=0.05,
+    nms_kernel=3,
+    max_detections_per_slice=16,
+    link_distance_mm=5.0,
+    max_gap_slices=1,
+    min_slices=1,
+    max_elongation=3.0,
+)
+
+TEACHER_ARCH = {"in_channels": DEFAULT_PREPROCESS.channels, "widths": [48, 96, 192, 384], "head_width": 64}

@@ -1,0 +1,61 @@
+"""Train a detector end to end from a dataset folder: cache -> sampler -> trainer."""
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from edge.errors import InputError
+from toolchain.models.centernet_unet import build_model, count_parameters
+from toolchain.training.recipes import DEFAULT_DECODE, DEFAULT_PREPROCESS, TEACHER_ARCH
+from toolchain.training.sampling import AugmentConfig, CropSampler
+from toolchain.training.slice_cache import cache_split
+from toolchain.training.trainer import TrainConfig, Trainer
+
+
+def _fill_value(spec) -> float:
+    w = spec.windows[0]
+    return min(max((spec.fill_hu - w.low) / w.width, 0.0), 1.0)
+
+
+def build_samplers(data_dir, spec, stride: int, cfg: Optional[AugmentConfig] = None):
+    data_dir = Path(data_dir)
+    for split in ("train", "val"):
+        if not (data_dir / split / "annotations.csv").is_file():
+            raise InputError(data_dir / split, "missing split (expected annotations.csv from tools/make_dataset.py)")
+    t0 = time.time()
+    train = cache_split(data_dir / "train", spec)
+    val = cache_split(data_dir / "val", spec)
+    if not train:
+        raise InputError(data_dir / "train", "no usable series")
+    print(f"cached {len(train)} train / {len(val)} val series "
+          f"({sum(len(s.planes) for s in train)} slices) in {time.time() - t0:.0f} s", flush=True)
+    cfg = cfg or AugmentConfig()
+    fill = _fill_value(spec)
+    return (CropSampler(train, spec.slices, stride, fill, cfg),
+            CropSampler(val, spec.slices, stride, fill, AugmentConfig(crop=cfg.crop)) if val else None)
+
+
+def train_detector(data_dir, out_dir, arch=None, steps=3000, batch_size=16, lr=2e-3, seed=0, threads=0,
+                   resume=False, progress=True, name="teacher") -> Path:
+    arch = dict(arch or TEACHER_ARCH)
+    spec, decode = DEFAULT_PREPROCESS, DEFAULT_DECODE
+    torch.manual_seed(seed)
+    model = build_model(arch)
+    sampler, val_sampler = build_samplers(data_dir, spec, decode.stride)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads)
+    extra = {
+        "arch": arch,
+        "preprocess": spec.to_dict(),
+        "decode": decode.to_dict(),
+        "card": {"name": name, "parameters": count_parameters(model), "data": str(data_dir), "seed": seed},
+    }
+    trainer = Trainer(model, sampler, val_sampler, cfg, out_dir, extra, progress=progress)
+    last = Path(out_dir) / "last.pt"
+    if resume and last.is_file():
+        trainer.resume(last)
+        print(f"resumed at step {trainer.step}", flush=True)
+    trainer.fit()
+    best = Path(out_dir) / "best.pt"
+    return best if best.is_file() else last

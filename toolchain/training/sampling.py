@@ -1,0 +1,113 @@
+"""Training crops with augmentation (rotation, scale, flip, noise, gamma, blur, contrast).
+
+Geometry is augmented by one affine warp per crop, and the nodule centres go
+through the same affine, so targets stay exact. Intensity augmentation works
+on the unit-range windowed planes (it stands for scanner calibration, dose and
+reconstruction-kernel differences).
+"""
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+from toolchain.training.slice_cache import CachedSeries
+from toolchain.training.targets import SliceNodule, make_slice_targets
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop: int = 128
+    positive_fraction: float = 0.5
+    rotate_deg: float = 180.0
+    scale_range: Tuple[float, float] = (0.8, 1.25)
+    noise_sigma_max: float = 0.04
+    gamma_range: Tuple[float, float] = (0.75, 1.35)
+    blur_probability: float = 0.3
+    blur_sigma_max: float = 0.9
+    contrast_range: Tuple[float, float] = (0.9, 1.1)
+    brightness_max: float = 0.03
+
+
+class CropSampler:
+    """Draws (input, targets) training crops from cached series."""
+
+    def __init__(self, series: Sequence[CachedSeries], slices: int, stride: int, fill_value: float, cfg: AugmentConfig):
+        self.series = list(series)
+        self.slices = slices
+        self.stride = stride
+        self.fill = fill_value
+        self.cfg = cfg
+        self.positives = [
+            (si, k) for si, s in enumerate(self.series) for k, ns in enumerate(s.nodules)
+            if any(n[3] <= 0.7 for n in ns)
+        ]
+
+    def sample(self, rng: np.random.Generator):
+        cfg = self.cfg
+        if self.positives and rng.random() < cfg.positive_fraction:
+            si, k = self.positives[rng.integers(len(self.positives))]
+            cands = [n for n in self.series[si].nodules[k] if n[3] <= 0.7]
+            n = cands[rng.integers(len(cands))]
+            jitter = rng.uniform(-0.35, 0.35, 2) * cfg.crop
+            centre = (n[0] + jitter[0], n[1] + jitter[1])
+        else:
+            si = int(rng.integers(len(self.series)))
+            k = int(rng.integers(len(self.series[si].planes)))
+            h, w = self.series[si].planes.shape[-2:]
+            centre = (rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w)
+        return self._crop(self.series[si], k, centre, rng)
+
+    def _crop(self, s: CachedSeries, k: int, centre, rng):
+        cfg, S = self.cfg, self.cfg.crop
+        half = self.slices // 2
+        idx = [min(max(k + d, 0), len(s.planes) - 1) for d in range(-half, half + 1)]
+        if rng.random() < 0.5:  # slice order along z is arbitrary between scanners
+            idx = idx[::-1]
+        stack = s.planes[idx].reshape(-1, *s.planes.shape[-2:]).astype(np.float32)
+
+        angle = rng.uniform(-cfg.rotate_deg, cfg.rotate_deg)
+        zoom = float(np.exp(rng.uniform(*np.log(cfg.scale_range))))
+        flip = rng.random() < 0.5
+        # src (x=col, y=row) -> dst: dst = zoom * R * F * (src - centre) + (S - 1) / 2
+        a = np.deg2rad(angle)
+        R = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * zoom
+        if flip:
+            R = R @ np.diag([-1.0, 1.0])
+        c = np.array([centre[1], centre[0]])
+        t = (S - 1) / 2.0 - R @ c
+        M = np.hstack([R, t[:, None]]).astype(np.float64)
+        out = np.empty((stack.shape[0], S, S), np.float32)
+        for ch in range(stack.shape[0]):
+            out[ch] = cv2.warpAffine(stack[ch], M, (S, S), flags=cv2.INTER_LINEAR,
+                                     borderMode=cv2.BORDER_CONSTANT, borderValue=float(self.fill))
+
+        nods: List[SliceNodule] = []
+        for (r, col, d, frac) in s.nodules[k]:
+            x, y = R @ np.array([col, r]) + t
+            nods.append(SliceNodule(float(y), float(x), d * zoom, frac))
+        tg = make_slice_targets(nods, S, S, self.stride)
+
+        # intensity
+        out = np.clip(out, 0.0, 1.0)
+        g = rng.uniform(*cfg.gamma_range)
+        out = out ** g
+        if rng.random() < cfg.blur_probability:
+            sig = rng.uniform(0.3, cfg.blur_sigma_max)
+            for ch in range(out.shape[0]):
+                out[ch] = cv2.GaussianBlur(out[ch], (0, 0), sig)
+        out = out * rng.uniform(*cfg.contrast_range) + rng.uniform(-cfg.brightness_max, cfg.brightness_max)
+        out += rng.normal(0, rng.uniform(0, cfg.noise_sigma_max), out.shape).astype(np.float32)
+        return out.astype(np.float32), tg
+
+
+def collate(samples):
+    x = np.stack([s[0] for s in samples])
+    t = samples
+    hm = np.stack([s[1].heatmap for s in t])[:, None]
+    size = np.stack([s[1].size for s in t])[:, None]
+    off = np.stack([s[1].offset for s in t])
+    reg = np.stack([s[1].reg_mask for s in t])[:, None]
+    wt = np.stack([s[1].weight for s in t])[:, None]
+    return x, hm, size, off, reg, wt

@@ -1,0 +1,78 @@
+"""Preprocessed training slices, made through the runtime's own decode and preprocessing.
+
+A series folder (DICOM, as written by tools/make_dataset.py) is decoded with
+:mod:`edge.dicom`, ordered with :func:`edge.detector.order_slices` and
+preprocessed with :class:`edge.preprocess.cpu.CpuPreprocessor` -- the exact
+code the device runs -- so the network never sees a different input
+distribution in deployment. Planes are kept as float16.
+"""
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from edge.detector import order_slices
+from edge.errors import InputError
+from edge.folder import group_series, load_series
+from edge.preprocess.cpu import CpuPreprocessor
+from edge.preprocess.spec import PreprocessSpec
+
+
+@dataclass
+class CachedSeries:
+    series_uid: str
+    planes: np.ndarray  # (n_slices, n_windows, H, W) float16
+    locations: np.ndarray  # (n_slices,) slice position along the normal, mm
+    spacing_mm: float  # median distance between slices
+    # per slice: list of (row, col, diameter_px, dz_fraction) in model-input pixels
+    nodules: List[List[tuple]]
+
+
+def read_annotations(path) -> Dict[str, List[tuple]]:
+    """LUNA16 annotations.csv -> {seriesuid: [(x, y, z, diameter_mm), ...]}."""
+    out: Dict[str, List[tuple]] = defaultdict(list)
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            out[row["seriesuid"]].append(
+                (float(row["coordX"]), float(row["coordY"]), float(row["coordZ"]), float(row["diameter_mm"]))
+            )
+    return out
+
+
+def cache_split(split_dir, spec: PreprocessSpec) -> List[CachedSeries]:
+    """Decode and preprocess every series of one split folder."""
+    split_dir = Path(split_dir)
+    annotations = read_annotations(split_dir / "annotations.csv")
+    groups, _rejected = group_series(split_dir)
+    pre = CpuPreprocessor(spec)
+    out = []
+    for g in groups:
+        frames, _bad = load_series(g)
+        try:
+            frames = order_slices(frames)
+        except InputError:
+            continue
+        if len(frames) < spec.slices:
+            continue
+        planes = np.stack([pre.preprocess_frame(f) for f in frames]).astype(np.float16)
+        locations = np.array([f.geometry.slice_location for f in frames])
+        per_slice = [[] for _ in frames]
+        for x, y, z, d in annotations.get(g.series_uid, []):
+            for k, f in enumerate(frames):
+                geo = f.geometry
+                dz = float(np.dot(np.array([x, y, z]) - np.asarray(geo.position), geo.normal))
+                frac = abs(dz) / (d / 2.0)
+                if frac > 1.0:
+                    continue
+                row, col = geo.patient_to_pixel([x, y, z])
+                rs = spec.resample_geometry(geo.rows, geo.columns, geo.pixel_spacing)
+                r_in, c_in = rs.to_output(float(row), float(col))
+                mm_per_px = 0.5 * (rs.scale_y * geo.pixel_spacing[0] + rs.scale_x * geo.pixel_spacing[1])
+                per_slice[k].append((float(r_in), float(c_in), d / mm_per_px, frac))
+        spacing = float(np.median(np.abs(np.diff(locations)))) if len(locations) > 1 else 1.0
+        out.append(CachedSeries(g.series_uid, planes, locations, spacing, per_slice))
+    return out

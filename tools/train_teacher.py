@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Train the teacher detector on the phantom training split (CPU).
+
+    python tools/train_teacher.py --data data/phantoms --out runs/teacher [--steps 3000] [--resume]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edge.errors import EdgeError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset folder from tools/make_dataset.py (train/ and val/)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, train_log.csv")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        from toolchain.training.run import train_detector
+
+        ckpt = train_detector(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              seed=args.seed, threads=args.threads, resume=args.resume, progress=not args.no_progress)
+    except EdgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"best checkpoint: {ckpt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
