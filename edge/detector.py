@@ -44,7 +44,9 @@ class SeriesDetector:
         self.specs = specs
         self.batch_size = max(1, int(batch_size))
         self.preprocessor = CpuPreprocessor(specs.preprocess)
-        self.input_name = next(iter(runner.input_metadata()))
+        meta = next(iter(runner.input_metadata().values()))
+        self.input_name = meta.name
+        self.input_dtype = meta.dtype  # the engine's binding type, whatever spec.dtype says
         self.timings: Dict[str, List[float]] = defaultdict(list)
 
     def detect(self, frames: Sequence[CTFrame]) -> List[Finding]:
@@ -59,10 +61,9 @@ class SeriesDetector:
         aggregator = SeriesFindingAggregator(self.specs.decode)
         findings: List[Finding] = []
         half = spec.slices // 2
-        dtype = np.dtype(spec.dtype)
         for start in range(0, len(frames), self.batch_size):
             idx = range(start, min(start + self.batch_size, len(frames)))
-            batch = np.empty((len(idx), spec.channels, spec.out_height, spec.out_width), dtype)
+            batch = np.empty((len(idx), spec.channels, spec.out_height, spec.out_width), self.input_dtype)
             for b, i in enumerate(idx):
                 for s in range(spec.slices):
                     j = min(max(i + s - half, 0), len(frames) - 1)
