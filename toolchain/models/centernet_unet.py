@@ -105,7 +105,15 @@ class ExportWrapper(nn.Module):
 
 
 def build_model(arch: dict) -> CenterNetUNet:
-    """Rebuild a model from its saved architecture dict (``{"in_channels", "widths", "head_width"}``)."""
+    """Rebuild a model from its saved architecture dict (``{"in_channels", "widths", "head_width"}``).
+
+    An arch with ``"conv_widths"`` (a width per conv, as channel pruning leaves it)
+    is built by :func:`toolchain.compression.arch.build_from_widths`.
+    """
+    if "conv_widths" in arch:
+        from toolchain.compression.arch import build_from_widths  # lazy: compression imports this module
+
+        return build_from_widths(arch)
     return CenterNetUNet(int(arch["in_channels"]), [int(w) for w in arch["widths"]], int(arch["head_width"]))
 
 

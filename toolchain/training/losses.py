@@ -30,4 +30,4 @@ def detection_loss(outputs, targets, size_weight: float = 0.1, offset_weight: fl
     l_size = reg_l1(size, t_size, reg)
     l_off = reg_l1(off, t_off, reg)
     total = l_hm + size_weight * l_size + offset_weight * l_off
-    return total, {"heatmap": float(l_hm), "size": float(l_size), "offset": float(l_off)}
+    return total, {"heatmap": l_hm.item(), "size": l_size.item(), "offset": l_off.item()}

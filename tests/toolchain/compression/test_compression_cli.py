@@ -1,0 +1,73 @@
+"""tools/prune.py and tools/distill.py end to end, on synthetic crops instead of a DICOM dataset."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from compression_helpers import make_sampler
+from toolchain.compression.arch import conv_widths_of
+from toolchain.export.onnx_export import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def synthetic_data(monkeypatch):
+    """build_samplers(data_dir, ...) -> crops from cached synthetic series, whatever the folder."""
+    import toolchain.training.run as run
+
+    monkeypatch.setattr(run, "build_samplers", lambda data_dir, spec, stride, cfg=None: (make_sampler(0), None))
+
+
+def test_prune_then_distill_then_resume(tmp_path, teacher_checkpoint, synthetic_data, capsys):
+    prune = load_tool("prune")
+    assert prune.main(["--teacher", str(teacher_checkpoint), "--data", "unused", "--out", str(tmp_path / "p"),
+                       "--target-ratio", "0.5", "--rounds", "1", "--finetune-steps", "1", "--batch-size", "2",
+                       "--no-progress"]) == 0
+    pruned = tmp_path / "p" / "pruned.pt"
+    assert f"pruned checkpoint: {pruned}" in capsys.readouterr().out
+    model, _ = load_checkpoint(pruned)
+    teacher, _ = load_checkpoint(teacher_checkpoint)
+    assert sum(conv_widths_of(model).values()) < sum(conv_widths_of(teacher).values())
+
+    distill = load_tool("distill")
+    common = ["--student", str(pruned), "--data", "unused", "--batch-size", "2", "--checkpoint-every", "1",
+              "--val-every", "100", "--no-progress"]
+    out = tmp_path / "d"
+    assert distill.main(common + ["--teacher", str(teacher_checkpoint), "--out", str(out), "--steps", "1",
+                                  "--heatmap-loss", "kl", "--feature-weight", "0.1"]) == 0
+    assert distill.main(common + ["--teacher", str(teacher_checkpoint), "--out", str(out), "--steps", "2",
+                                  "--heatmap-loss", "kl", "--feature-weight", "0.1", "--resume"]) == 0
+    assert "resumed at step 1" in capsys.readouterr().out
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["card"]["mode"] == "distilled" and ckpt["card"]["name"] == "student-distilled"
+    assert distill.main(common + ["--scratch", "--out", str(tmp_path / "s"), "--steps", "1"]) == 0
+    scratch = torch.load(tmp_path / "s" / "last.pt", weights_only=True)
+    assert scratch["card"]["mode"] == "scratch" and scratch["card"]["distill"] is None
+    assert scratch["arch"] == ckpt["arch"]
+
+
+def test_user_errors_exit_1_with_a_message(tmp_path, teacher_checkpoint, capsys):
+    distill = load_tool("distill")
+    assert distill.main(["--student", str(teacher_checkpoint), "--teacher", str(teacher_checkpoint), "--scratch",
+                         "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert "scratch" in capsys.readouterr().err
+    assert distill.main(["--student", str(teacher_checkpoint), "--data", str(tmp_path / "none"),
+                         "--out", str(tmp_path / "o")]) == 1
+    assert "missing split" in capsys.readouterr().err
+    prune = load_tool("prune")
+    assert prune.main(["--teacher", str(tmp_path / "absent.pt"), "--data", str(tmp_path),
+                       "--out", str(tmp_path / "o")]) == 1
+    assert "absent.pt" in capsys.readouterr().err
+    assert prune.main(["--teacher", str(teacher_checkpoint), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+                       "--target-ratio", "1.5"]) == 1
+    assert "target ratio" in capsys.readouterr().err

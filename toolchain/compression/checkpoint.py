@@ -1,0 +1,38 @@
+"""Detector checkpoints for compressed models, in the format :func:`toolchain.export.onnx_export.load_checkpoint` reads.
+
+Keys: ``arch`` (with per-conv widths, :mod:`toolchain.compression.arch`),
+``state_dict``, ``preprocess``, ``decode``, ``card``. Training checkpoints
+(:class:`~toolchain.training.trainer.Trainer`) add ``optimizer``, ``step`` and
+friends to the same keys.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from edge.errors import InputError
+from edge.model_file import ModelSpecs
+from toolchain.compression.arch import arch_of
+from toolchain.compression.flops import count_parameters
+
+
+def checkpoint_extra(model, specs: ModelSpecs, card: dict) -> dict:
+    """Everything but the weights: the dict :class:`Trainer` takes as ``checkpoint_extra``."""
+    card = dict(card, parameters=count_parameters(model))
+    return {"arch": arch_of(model), "preprocess": specs.preprocess.to_dict(), "decode": specs.decode.to_dict(),
+            "card": card}
+
+
+def save_checkpoint(path, model, specs: ModelSpecs, card: dict) -> Path:
+    """Write an inference checkpoint (no optimizer state) atomically."""
+    path = Path(path)
+    state = dict(checkpoint_extra(model, specs, card), state_dict=model.state_dict())
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(path, f"cannot write the checkpoint: {e.strerror or e}") from None
+    return path
