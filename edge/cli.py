@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", help="ONNX model (default: the committed model)")
     i.set_defaults(func=cmd_info)
 
+    from edge.update.commands import add_parsers as add_update_parsers
+
+    add_update_parsers(sub)
+
     s = sub.add_parser("selftest", help="run the CPU path on a generated phantom slice (no network needed)")
     s.set_defaults(func=cmd_selftest)
     return p

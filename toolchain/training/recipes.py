@@ -29,4 +29,4 @@ DEFAULT_DECODE = DecodeSpec(
     max_elongation=3.0,
 )
 
-TEACHER_ARCH = {"in_channels": DEFAULT_PREPROCESS.channels, "widths": [48, 96, 192, 384], "head_width": 64}
+TEACHER_ARCH = {"in_channels": DEFAULT_PREPROCESS.channels, "widths": [32, 64, 128, 256, 320], "head_width": 32}
