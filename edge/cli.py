@@ -87,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", help="ONNX model (default: the committed model)")
     i.set_defaults(func=cmd_info)
 
+    from edge.ingest.commands import add_parsers as add_ingest_parsers
     from edge.update.commands import add_parsers as add_update_parsers
 
+    add_ingest_parsers(sub)
     add_update_parsers(sub)
 
     s = sub.add_parser("selftest", help="run the CPU path on a generated phantom slice (no network needed)")

@@ -323,3 +323,17 @@ def _profile_batches(engine, name) -> Tuple[int, int, int]:
     except AttributeError:  # TensorRT 8.5 without the named overload
         shapes = engine.get_profile_shape(0, name)
     return tuple(int(s[0]) for s in shapes)
+
+
+def open_tensorrt_runner(engine_path) -> "Tuple[TensorRtRunner, ModelSpecs]":
+    """Activate the engine at ``engine_path`` and read the model specs its manifest carries."""
+    from edge.model_file import ModelSpecs
+
+    runner = TensorRtRunner(engine_path).activate()
+    try:
+        specs = ModelSpecs.from_metadata(runner.custom_metadata(), source=engine_path)
+        runner.expected_input_spec = specs.preprocess
+    except BaseException:
+        runner.deactivate()
+        raise
+    return runner, specs

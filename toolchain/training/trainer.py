@@ -136,14 +136,14 @@ class Trainer:
                     if v < self.best_val:
                         self.best_val = v
                         self.save("best.pt")
-                writer.writerow([self.step, f"{lr_at(self.step - 1, cfg):.6f}", f"{float(loss):.5f}",
+                writer.writerow([self.step, f"{lr_at(self.step - 1, cfg):.6f}", f"{loss.item():.5f}",
                                  f"{parts['heatmap']:.5f}", f"{parts['size']:.4f}", f"{parts['offset']:.4f}", val,
                                  f"{time.time() - t0:.1f}"])
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     log.flush()
                     self.save("last.pt")
                 if bar:
-                    bar.set_postfix(loss=f"{float(loss):.3f}", hm=f"{parts['heatmap']:.3f}")
+                    bar.set_postfix(loss=f"{loss.item():.3f}", hm=f"{parts['heatmap']:.3f}")
                     bar.update(1)
         finally:
             if bar:

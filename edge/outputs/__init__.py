@@ -1,0 +1,1 @@
+"""Findings out: JSON Lines, overlay PNGs and DICOM structured reports of committed series results."""
