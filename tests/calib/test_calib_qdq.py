@@ -1,0 +1,177 @@
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+import torch
+
+from calib.qdq import QUANTIZATION_KEY, quantize_model
+from calib.qdq_check import check_qdq
+from calib.ranges import ActivationCollector, compute_ranges
+from edge.decode.spec import DecodeSpec
+from edge.errors import ConfigError
+from edge.model_file import ModelSpecs, read_model_specs
+from edge.preprocess.spec import PreprocessSpec
+from toolchain.export.onnx_export import export_onnx
+from toolchain.models.centernet_unet import CenterNetUNet
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny detector exported as the real export path does, its inputs and percentile ranges."""
+    torch.manual_seed(0)
+    model = CenterNetUNet(3, [8, 16], 8).eval()
+    specs = ModelSpecs(PreprocessSpec(out_height=SIZE, out_width=SIZE, slices=3), DecodeSpec(stride=2), {"name": "t"})
+    path = tmp_path_factory.mktemp("qdq") / "tiny.onnx"
+    export_onnx(model, specs, path)
+    rng = np.random.default_rng(0)
+    inputs = rng.uniform(-0.2, 1.2, (6, 3, SIZE, SIZE)).astype(np.float32)
+    hist = ActivationCollector(path).collect(lambda: (inputs[i:i + 2] for i in range(0, 6, 2)))
+    return path, onnx.load(str(path)), inputs, compute_ranges(hist, "percentile"), specs
+
+
+def run(model, x, optimize=False):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})
+
+
+def constants(model):
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_tensorrt_layout_follows_the_placement_rules(tiny):
+    _, model, _, amax, _ = tiny
+    q = quantize_model(model, amax, "tensorrt")
+    m = q.model
+    assert check_qdq(m).ok and not check_qdq(m).warnings
+    consts = constants(m)
+    producers = {o: n for n in m.graph.node for o in n.output}
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    for conv in convs:
+        act, weight = producers[conv.input[0]], producers[conv.input[1]]
+        assert act.op_type == weight.op_type == "DequantizeLinear", conv.name
+        w_scale = consts[weight.input[1]]
+        w = consts[producers[weight.input[0]].input[0]]
+        # per-channel on the output-channel axis, largest |w| -> 127
+        assert {a.name: a.i for a in weight.attribute}["axis"] == 0
+        np.testing.assert_allclose(w_scale, np.abs(w).reshape(w.shape[0], -1).max(1) / 127, rtol=1e-6)
+        assert consts[act.input[1]].shape == ()  # per-tensor activation
+        assert len(conv.input) < 3 or conv.input[2] in consts  # bias stays a float constant
+    zero_points = [consts[n.input[2]] for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    # graph outputs are never Q/DQ'd and every Concat input shares one scale
+    assert not any(producers[o.name].op_type in ("QuantizeLinear", "DequantizeLinear") for o in m.graph.output)
+    for concat in (n for n in m.graph.node if n.op_type == "Concat"):
+        scales = {float(consts[producers[i].input[1]]) for i in concat.input}
+        assert len(scales) == 1
+    assert len(q.weight_tensors) == len(convs) and not q.float_nodes
+
+
+def test_both_layouts_compute_the_same_numbers_close_to_fp32(tiny):
+    _, model, inputs, amax, _ = tiny
+    trt = quantize_model(model, amax, "tensorrt")
+    cpu = quantize_model(model, amax, "cpu")
+    assert cpu.preactivation and check_qdq(cpu.model).ok
+    x = inputs[:2]
+    ref = run(model, x)
+    a, b = run(trt.model, x), run(cpu.model, x)
+    for name, fa, fb, r in zip(("heatmap", "size", "offset"), a, b, ref):
+        np.testing.assert_allclose(fb, fa, rtol=0, atol=1e-6, err_msg=name)  # exact up to float rounding
+        assert 0 < np.abs(fa - r).max() < 0.05 * max(1e-3, np.abs(r).max()), name
+    # ONNX Runtime's fused integer kernels round biases to int32: still within a few int8 steps
+    for fc, fa in zip(run(cpu.model, x, optimize=True), a):
+        np.testing.assert_allclose(fc, fa, rtol=0, atol=1e-3)
+    fused = onnx_ops_after_optimization(cpu.model)
+    assert fused["QLinearConv"] >= len(cpu.preactivation)
+
+
+def onnx_ops_after_optimization(model):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = f"{d}/opt.onnx"
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(f"{d}/opt.onnx").graph.node)
+
+
+def test_specs_and_quantization_info_travel_in_the_model(tiny, tmp_path):
+    _, model, _, amax, specs = tiny
+    q = quantize_model(model, amax, "tensorrt", {"method": "percentile", "calibration_sha256": "ab" * 32})
+    path = tmp_path / "q.onnx"
+    onnx.save(q.model, str(path))
+    assert read_model_specs(path) == specs
+    info = json.loads({p.key: p.value for p in q.model.metadata_props}[QUANTIZATION_KEY])
+    assert info["layout"] == "tensorrt" and info["method"] == "percentile"
+    assert info["weight_tensors"] == len(q.weight_tensors)
+
+
+def test_refuses_old_opsets_unknown_layouts_and_missing_ranges(tiny):
+    _, model, _, amax, _ = tiny
+    with pytest.raises(ConfigError, match="layout"):
+        quantize_model(model, amax, "tflite")
+    partial = {k: v for k, v in amax.items() if k != "input"}
+    with pytest.raises(ConfigError, match="no calibrated range for tensor 'input'"):
+        quantize_model(model, partial, "tensorrt")
+    old = onnx.helper.make_model(model.graph, opset_imports=[onnx.helper.make_opsetid("", 12)])
+    with pytest.raises(ConfigError, match="opset >= 13"):
+        quantize_model(old, amax, "tensorrt")
+
+
+def test_zero_range_tensors_and_pruned_channels_get_a_valid_scale(tiny):
+    _, model, _, amax, _ = tiny
+    zeroed = dict(amax, input=0.0)
+    g = gs.import_onnx(model)
+    conv = next(n for n in g.nodes if n.op == "Conv")
+    w = conv.inputs[1].values.copy()
+    w[0] = 0.0  # a pruned output channel
+    conv.inputs[1] = gs.Constant(conv.inputs[1].name, w)
+    pruned = gs.export_onnx(g)
+    pruned.metadata_props.extend(model.metadata_props)
+    q = quantize_model(pruned, zeroed, "tensorrt")
+    assert q.zero_range == ["input"]
+    assert check_qdq(q.model).ok  # every scale positive and finite
+
+
+def residual_model():
+    """x -> conv -> relu -> conv -> add(x) -> relu: a residual block with both Add inputs activations."""
+    rng = np.random.default_rng(1)
+    x = gs.Variable("x", np.float32, (1, 4, 8, 8))
+    a, b, c, s = (gs.Variable(n, np.float32) for n in ("a", "b", "c", "s"))
+    y = gs.Variable("y", np.float32, (1, 4, 8, 8))
+    w1 = gs.Constant("w1", rng.normal(size=(4, 4, 3, 3)).astype(np.float32))
+    w2 = gs.Constant("w2", rng.normal(size=(4, 4, 3, 3)).astype(np.float32))
+    nodes = [gs.Node("Conv", "conv1", {"pads": [1, 1, 1, 1]}, [x, w1], [a]),
+             gs.Node("Relu", "relu1", inputs=[a], outputs=[b]),
+             gs.Node("Conv", "conv2", {"pads": [1, 1, 1, 1]}, [b, w2], [c]),
+             gs.Node("Add", "add", inputs=[c, x], outputs=[s]),
+             gs.Node("Relu", "relu2", inputs=[s], outputs=[y])]
+    model = gs.export_onnx(gs.Graph(nodes=nodes, inputs=[x], outputs=[y], opset=17))
+    model.ir_version = 8
+    return model
+
+
+def test_residual_add_gets_qdq_on_both_inputs(tmp_path):
+    model = residual_model()
+    onnx.save(model, str(tmp_path / "res.onnx"))
+    x = np.random.default_rng(2).normal(size=(1, 4, 8, 8)).astype(np.float32)
+    amax = compute_ranges(ActivationCollector(tmp_path / "res.onnx").collect(lambda: iter([x])), "max")
+    assert sorted(amax) == ["a", "b", "c", "s", "x", "y"]
+    q = quantize_model(model, amax, "tensorrt").model
+    producers = {o: n for n in q.graph.node for o in n.output}
+    add = next(n for n in q.graph.node if n.op_type == "Add")
+    assert [producers[i].op_type for i in add.input] == ["DequantizeLinear", "DequantizeLinear"]
+    assert check_qdq(q).ok and not check_qdq(q).warnings
+    sess = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])  # noqa: E731
+    ref = sess(model).run(None, {"x": x})[0]
+    got = sess(q).run(None, {"x": x})[0]
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
