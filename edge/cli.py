@@ -93,9 +93,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_ingest_parsers(sub)
     add_update_parsers(sub)
 
+    m = sub.add_parser("demo", help="scanner demo on loopback: phantom series -> C-STORE -> runtime -> findings")
+    m.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
+    m.add_argument("--series", type=int, default=2, help="number of phantom series (default: %(default)s)")
+    m.add_argument("--slices", type=int, default=60, help="slices per series (default: %(default)s)")
+    m.add_argument("--rate", type=float, help="scanner rate in slices/s (default: as fast as accepted)")
+    m.add_argument("--model", help="ONNX model (default: the committed model)")
+    m.set_defaults(func=cmd_demo)
+
     s = sub.add_parser("selftest", help="run the CPU path on a generated phantom slice (no network needed)")
     s.set_defaults(func=cmd_selftest)
     return p
+
+
+def cmd_demo(args) -> int:
+    from edge.demo import DemoOptions, run_demo
+
+    if args.series < 1 or args.slices < 3:
+        raise EdgeError("edge demo: --series must be >= 1 and --slices >= 3")
+    opts = DemoOptions(Path(args.out), series=args.series, slices=args.slices, rate=args.rate,
+                       model=Path(args.model) if args.model else None)
+    for line in run_demo(opts):
+        print(line, flush=True)
+    return 0
 
 
 def cmd_selftest(args) -> int:

@@ -166,11 +166,11 @@ class DistillLoss:
         kd_reg = (cfg.size_weight * confident_regression(size, t_size, t_prob, cfg.confidence)
                   + confident_regression(off, t_off, t_prob, cfg.confidence))
         total = total + cfg.heatmap_weight * kd_hm + cfg.regression_weight * kd_reg
-        parts.update(kd_heatmap=float(kd_hm), kd_regression=float(kd_reg))
+        parts.update(kd_heatmap=kd_hm.item(), kd_regression=kd_reg.item())
         if cfg.feature_weight > 0:
             if feat is None:
                 raise ValueError("feature imitation needs a StudentNet with an adapter")
             kd_feat = F.mse_loss(feat, self._teacher_tap.value)
             total = total + cfg.feature_weight * kd_feat
-            parts["kd_feature"] = float(kd_feat)
+            parts["kd_feature"] = kd_feat.item()
         return total, parts
