@@ -202,6 +202,9 @@ class OutputsConfig:
     jsonl: bool = _setting(True, _bool)
     overlays: bool = _setting(True, _bool)
     sr: bool = _setting(True, _bool)
+    # Findings below this probability are kept in findings.jsonl (for FROC analysis)
+    # but get no overlay and no SR entry: the SR is what a radiologist sees.
+    report_threshold: float = _setting(0.5, _number(0, 1))
     pacs: PacsConfig = _section(PacsConfig)
 
 

@@ -6,8 +6,8 @@ a scanner would, waits for the results and reports findings against the ground
 truth and per-stage latency. Everything lands under ``out_dir``.
 """
 
-import json
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -26,6 +26,7 @@ class DemoOptions:
     seed: int = 2026
     rate: Optional[float] = None  # slices per second; None: as fast as the runtime accepts
     model: Optional[Path] = None
+    report_threshold: float = 0.5
 
 
 def _match(findings: List[dict], nodules, threshold: float):
@@ -42,6 +43,14 @@ def _match(findings: List[dict], nodules, threshold: float):
     return len(hit_nodules), len(nodules) - len(hit_nodules), fps
 
 
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_demo(opts: DemoOptions) -> Iterator[str]:
     from edge.cli import default_model_path
     from edge.config import config_from_dict
@@ -50,6 +59,7 @@ def run_demo(opts: DemoOptions) -> Iterator[str]:
     from edge.phantom import PROFILES, generate_series, write_series
 
     out = Path(opts.out_dir).resolve()
+    threshold = opts.report_threshold
     scanner_dir = out / "scanner"
     out.mkdir(parents=True, exist_ok=True)
     model = Path(opts.model) if opts.model else default_model_path()
@@ -70,11 +80,11 @@ def run_demo(opts: DemoOptions) -> Iterator[str]:
 
     # 2. the runtime, on loopback with an ephemeral port
     config = config_from_dict({
-        "scp": {"host": "127.0.0.1", "port": 0, "ae_title": "CT_EDGE"},
+        "scp": {"host": "127.0.0.1", "port": _free_loopback_port(), "ae_title": "CT_EDGE"},
         "storage": {"state_dir": str(out / "state")},
         "model": {"path": str(model)},
         "pipeline": {"series_idle_s": 2.0},
-        "outputs": {"dir": str(out / "results")},
+        "outputs": {"dir": str(out / "results"), "report_threshold": threshold},
         "metrics": {"enabled": False},
     }, source="edge demo")
     service = EdgeService(config).start()
@@ -83,7 +93,10 @@ def run_demo(opts: DemoOptions) -> Iterator[str]:
         t1 = time.perf_counter()
         report = replay_cstore(files, "127.0.0.1", service.scp_port, called_ae="CT_EDGE", rate=opts.rate)
         sent = time.perf_counter() - t1
-        yield f"scanner -> runtime: C-STORE of {len(files)} files in {sent:.1f} s ({json.dumps(report.counts())})"
+        failed = "; ".join(f"0x{st:04X} {comment}" for _uid, st, comment in report.failures[:3])
+        yield (f"scanner -> runtime: C-STORE of {report.sent} files in {sent:.1f} s: {report.stored} stored, "
+               f"{report.retries} retried after 'out of resources', {len(report.failures)} refused"
+               + (f" ({failed})" if failed else ""))
         if not service.drain():
             raise EdgeError("edge demo: the runtime did not finish in time; see the log")
         elapsed = time.perf_counter() - t1
@@ -93,27 +106,32 @@ def run_demo(opts: DemoOptions) -> Iterator[str]:
         service.close()
 
     # 3. results
-    from edge.outputs.jsonl import SERIES_FILE, read_jsonl
+    from edge.outputs.jsonl import FINDINGS_FILE, SERIES_FILE, read_jsonl
 
     summaries = read_jsonl(out / "results" / SERIES_FILE)
+    by_result = defaultdict(list)
+    for f in read_jsonl(out / "results" / FINDINGS_FILE):
+        by_result[f["result_id"]].append(f)
     n_slices = sum(s.get("n_slices", 0) for s in summaries)
     yield (f"runtime: {counts['processed']} instances processed, {counts['rejected']} rejected, "
            f"{n_slices} slices in {elapsed:.1f} s ({n_slices / max(elapsed, 1e-9):.1f} slices/s end to end)")
     hits = misses = fps = 0
     for s in summaries:
         series = truth.get(s["series_uid"])
-        findings = s.get("findings", [])
-        yield f"series {s['series_uid']}: {len(findings)} finding(s)"
-        for f in findings:
+        findings = by_result[s["result_id"]]
+        shown = [f for f in findings if f["probability"] >= threshold]
+        yield (f"series {s['series_uid']}: {len(shown)} finding(s) at probability >= {threshold} "
+               f"({len(findings)} candidates in findings.jsonl)")
+        for f in shown:
             yield (f"  finding {f['index']}: ({f['x']:.1f}, {f['y']:.1f}, {f['z']:.1f}) mm, "
                    f"diameter {f['diameter_mm']:.1f} mm, probability {f['probability']:.2f}")
         if series is not None:
             for n in series.nodules:
                 yield (f"  truth: ({n.center[0]:.1f}, {n.center[1]:.1f}, {n.center[2]:.1f}) mm, "
                        f"{n.diameter_mm:.1f} mm {n.kind} {n.location}")
-            h, m, fp = _match(findings, series.nodules, threshold=0.5)
+            h, m, fp = _match(findings, series.nodules, threshold)
             hits, misses, fps = hits + h, misses + m, fps + fp
-    yield f"at probability >= 0.5: {hits} nodule(s) found, {misses} missed, {fps} false positive(s)"
+    yield f"at probability >= {threshold}: {hits} nodule(s) found, {misses} missed, {fps} false positive(s)"
     for stage, st in latency.items():
         yield f"latency {stage}: p50 {st['p50_ms']:.1f} ms, p99 {st['p99_ms']:.1f} ms (n={st['n']})"
     yield f"outputs: {out / 'results'} (findings.jsonl, series.jsonl, overlays/, sr/)"

@@ -92,6 +92,7 @@ class EdgeService:
         self.spool = Spool(c.spool_dir, c.rejected_dir if c.storage.keep_rejected else None)
         self.ledger = Ledger(c.ledger_path)
         exporter = SeriesExporter(c.outputs.dir, jsonl=c.outputs.jsonl, overlays=c.outputs.overlays, sr=c.outputs.sr,
+                                  report_threshold=c.outputs.report_threshold,
                                   pacs=c.outputs.pacs)
         card = self.specs.card or {}
         model = {"name": str(card.get("name", "")), "version": str(card.get("version", ""))}

@@ -12,6 +12,7 @@ the next start writes it again: every writer is idempotent). The JSON Lines go
 last, so a summary line means the overlays and the SR were written.
 """
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -40,7 +41,7 @@ class SeriesExporter:
     """Writes series results under ``out_dir``; each output can be switched off."""
 
     def __init__(self, out_dir, jsonl: bool = True, overlays: bool = True, sr: bool = True,
-                 pacs: Optional[PacsConfig] = None, manufacturer: str = "ct-edge"):
+                 pacs: Optional[PacsConfig] = None, manufacturer: str = "ct-edge", report_threshold: float = 0.0):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = JsonlWriter(self.out_dir) if jsonl else None
@@ -48,14 +49,16 @@ class SeriesExporter:
         self.sr = sr
         self.pacs = pacs if pacs is not None and pacs.enabled else None
         self.manufacturer = manufacturer
+        self.report_threshold = report_threshold
 
     def export(self, report: SeriesReport, recovering: bool = False) -> Dict[str, object]:
         """Write every enabled output; returns what was written (relative paths)."""
         failures: Dict[str, str] = {}
         written: Dict[str, object] = {}
         overlay_paths: Dict[int, str] = {}
+        reported = [f for f in report.findings if f.probability >= self.report_threshold]
         if self.overlays:
-            for f in report.findings:
+            for f in reported:
                 try:
                     overlay_paths[f.index] = self._overlay(report, f)
                 except (EdgeError, OSError, IndexError) as e:
@@ -64,7 +67,7 @@ class SeriesExporter:
         sr_path = None
         if self.sr:
             try:
-                sr_path, sr_dataset = self._sr(report)
+                sr_path, sr_dataset = self._sr(dataclasses.replace(report, findings=reported))
                 written["sr"] = sr_path
                 if self.pacs is not None:
                     self._send(report, sr_dataset, failures)
