@@ -1,0 +1,32 @@
+import pydicom
+
+from edge.outputs.exporter import SeriesExporter
+from edge.outputs.jsonl import FINDINGS_FILE, read_jsonl
+from outputs_helpers import ct_datasets, report_for
+
+
+def test_report_threshold_limits_overlays_and_sr_but_jsonl_keeps_every_candidate(tmp_path):
+    datasets = ct_datasets(n=3, size=32)
+    paths = []
+    for i, ds in enumerate(datasets):
+        p = tmp_path / f"in{i}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    report = report_for(datasets, findings=((3.0, -2.0, 2.0, 6.5, 0.91), (-5.0, 4.0, 2.0, 5.0, 0.2)), paths=paths)
+    out = tmp_path / "results"
+    written = SeriesExporter(out, report_threshold=0.5).export(report)
+    assert sorted(written["overlays"]) == [1]
+    lines = read_jsonl(out / FINDINGS_FILE)
+    assert sorted(f["probability"] for f in lines) == [0.2, 0.91]
+    sr = pydicom.dcmread(out / written["sr"])
+    assert _diameters(sr.ContentSequence) == [6.5]
+
+
+def _diameters(seq):
+    found = []
+    for item in seq:
+        if "MeasuredValueSequence" in item and item.ConceptNameCodeSequence[0].CodeMeaning == "Diameter":
+            found.append(float(item.MeasuredValueSequence[0].NumericValue))
+        if "ContentSequence" in item:
+            found += _diameters(item.ContentSequence)
+    return found
