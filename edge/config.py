@@ -157,9 +157,10 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The detector: an ONNX file with its embedded specs."""
+    """The detector: an ONNX file with its embedded specs, or the version installed by ``edge update apply``."""
 
     path: str = _setting("", _path, "'' = the committed default model")
+    update_state_dir: str = _setting("", _path, "'' = off; else the model is <dir>/current, picked up between series")
     backend: str = _setting("onnxruntime", _choice(*_BACKENDS))
     intra_op_threads: int = _setting(0, _int(0, 256), "0 = ONNX Runtime's default")
     batch_size: int = _setting(4, _int(1, 256))
@@ -304,6 +305,9 @@ def _check_consistency(config: EdgeConfig) -> None:
                 raise ConfigError(f"{source}: scp.tls.{key} {value} is not a file")
         if tls.require_client_certificate and not tls.ca_certificates:
             raise ConfigError(f"{source}: scp.tls.ca_certificates is required when scp.tls.require_client_certificate is true")
+    if config.model.update_state_dir and config.model.path:
+        raise ConfigError(f"{source}: model.path must be empty when model.update_state_dir is set "
+                          "(the model in service is the installed version)")
     if config.watch.enabled and not config.watch.folder:
         raise ConfigError(f"{source}: watch.folder is required when watch.enabled is true")
     if config.outputs.pacs.enabled and not config.outputs.pacs.host:

@@ -71,6 +71,7 @@ class PreparedInstance:
     slices: List[PreparedSlice]
     path: Optional[str] = None
     received_at: Optional[float] = None  # time.perf_counter() at receipt
+    preparation: Optional[tuple] = None  # what the planes were made for (the pipeline's ServedModel.preparation)
 
     @property
     def analysable(self) -> List[PreparedSlice]:
@@ -104,6 +105,7 @@ class SeriesOutcome:
     fallback_reason: str = ""
     gaps_skipped: int = 0
     completed_at_close: List[Finding] = field(default_factory=list)  # not streamed before the close
+    model: Dict[str, str] = field(default_factory=dict)  # the model that processed the series (name, version, ...)
 
     def member_near(self, location: float) -> Optional[Member]:
         """The analysed frame closest to a slice location (a finding's key slice)."""

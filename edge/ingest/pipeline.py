@@ -20,16 +20,27 @@ Stages, each with its own bounded queue and workers::
   full batches under load) and closes series idle for ``series_idle_s``.
 * output: hands each closed series to the sink (ledger commit + outputs).
 
+The model comes from a :class:`ModelProvider` (a fixed one for ``model.path``,
+:class:`edge.update.reload.InstalledModelProvider` for ``model.update_state_dir``).
+A series takes the provider's current :class:`ServedModel` when it opens and
+keeps it to its close, so a series is always processed by one model; the
+provider is refreshed before a series opens and every ``_MODEL_POLL_S`` while
+the infer stage is idle, never changing an open series' model. A replaced
+model's runner is released once no open series uses it (reference count).
+Instances preprocessed for another model than their series' (the switch
+happened in between) are preprocessed again from their spool file.
+
 Per-stage processing times go to :class:`StageLatency` and the metrics' histograms.
 """
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -44,11 +55,13 @@ from edge.ingest.streaming import StreamingSeriesDetector
 from edge.metrics import RuntimeMetrics
 from edge.model_file import ModelSpecs
 from edge.preprocess.cpu import CpuPreprocessor
+from edge.preprocess.spec import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
 _IDLE_TICK_S = 0.02
+_MODEL_POLL_S = 0.5  # how often the idle infer stage asks the provider for a newer model
 
 
 @dataclass
@@ -60,6 +73,92 @@ class Instance:
     path: Optional[str] = None
     frames: Optional[List[CTFrame]] = None
     received_at: float = 0.0  # time.perf_counter()
+
+
+class ServedModel:
+    """A model in service: runner, specs and what to record about it (``info``: name, version, ...).
+
+    Reference counted: whoever hands it out holds one reference from creation,
+    each open series one more (:meth:`acquire`); the last :meth:`release` calls
+    ``on_unused(runner)`` (e.g. ``Runner.deactivate``).
+    """
+
+    def __init__(self, runner: Runner, specs: ModelSpecs, info: Optional[Dict[str, str]] = None,
+                 on_unused: Optional[Callable[[Runner], None]] = None):
+        self.runner = runner
+        self.specs = specs
+        self.info = dict(info or {})
+        self.input_dtype = np.dtype(next(iter(runner.input_metadata().values())).dtype)
+        self._on_unused = on_unused
+        self._users = 1
+        self._lock = threading.Lock()
+
+    @property
+    def preparation(self) -> Tuple[PreprocessSpec, str]:
+        """What the preprocess stage made planes for: equal values mean interchangeable planes."""
+        return self.specs.preprocess, self.input_dtype.str
+
+    @property
+    def users(self) -> int:
+        return self._users
+
+    def acquire(self) -> "ServedModel":
+        with self._lock:
+            if self._users == 0:
+                raise RuntimeError(f"model {self.describe()} was already released")
+            self._users += 1
+        return self
+
+    def release(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                raise RuntimeError(f"model {self.describe()} released more often than acquired")
+            self._users -= 1
+            unused = self._users == 0
+        if unused and self._on_unused is not None:
+            self._on_unused(self.runner)
+
+    def describe(self) -> str:
+        return " ".join(v for v in (self.info.get("name", ""), self.info.get("version", "")) if v) or "model"
+
+
+class ModelProvider:
+    """Where the pipeline takes the model of each new series from."""
+
+    def current(self) -> ServedModel:
+        """The model in service now; a series keeps it with :meth:`ServedModel.acquire`."""
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        """Look for a newer model; must return at once (a new model loads in the background)."""
+
+    @property
+    def error(self) -> Optional[str]:
+        """Why the newest model is not in service, or None."""
+        return None
+
+    def close(self) -> None:
+        """Give up the provider's reference on the model in service."""
+
+
+class FixedModelProvider(ModelProvider):
+    """Always the same model (``model.path``); ``owned``: deactivate the runner once it is unused."""
+
+    def __init__(self, runner: Runner, specs: ModelSpecs, info: Optional[Dict[str, str]] = None,
+                 owned: bool = False):
+        if info is None:
+            card = specs.card or {}
+            info = {"name": str(card.get("name", "")), "version": str(card.get("version", ""))}
+        self._model = ServedModel(runner, specs, info, on_unused=Runner.deactivate if owned else None)
+        self._closed = False
+
+    def current(self) -> ServedModel:
+        return self._model
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._model.release()
 
 
 class PipelineSink:
@@ -105,21 +204,25 @@ class StageLatency:
 
 
 class Pipeline:
-    """See the module docstring. ``reload`` is used by series that must be re-run in position order."""
+    """See the module docstring. Pass ``runner`` and ``specs`` (one fixed model, not deactivated here),
+    or ``provider`` with both None."""
 
-    def __init__(self, runner: Runner, specs: ModelSpecs, settings: PipelineConfig, sink: PipelineSink,
-                 metrics: Optional[RuntimeMetrics] = None, batch_size: int = 4,
-                 clock: Callable[[], float] = time.monotonic):
-        self.runner = runner
-        self.specs = specs
+    def __init__(self, runner: Optional[Runner], specs: Optional[ModelSpecs], settings: PipelineConfig,
+                 sink: PipelineSink, metrics: Optional[RuntimeMetrics] = None, batch_size: int = 4,
+                 clock: Callable[[], float] = time.monotonic, provider: Optional[ModelProvider] = None):
+        if provider is None:
+            if runner is None or specs is None:
+                raise ValueError("pass runner and specs, or a provider")
+            provider = FixedModelProvider(runner, specs)
+        elif runner is not None or specs is not None:
+            raise ValueError("pass runner and specs, or a provider, not both")
+        self.provider = provider
         self.settings = settings
         self.sink = sink
         self.metrics = metrics
         self.batch_size = batch_size
         self.clock = clock
         self.latency = StageLatency(metrics)
-        meta = next(iter(runner.input_metadata().values()))
-        self._input_dtype = np.dtype(meta.dtype)
         self._slots = threading.Semaphore(settings.max_in_flight)
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
@@ -128,6 +231,8 @@ class Pipeline:
         self._infer_q: "queue.Queue" = queue.Queue(settings.infer_queue)
         self._output_q: "queue.Queue" = queue.Queue(settings.output_queue)
         self._series: Dict[tuple, SeriesAssembly] = {}
+        self._series_model: Dict[tuple, ServedModel] = {}  # the model each open series keeps to its close
+        self._last_model_poll = float("-inf")  # on ``clock``
         self._series_lock = threading.Lock()  # guards the dict for readers outside the infer thread
         self._threads: List[threading.Thread] = []
         self._busy = defaultdict(int)  # items being worked on, by stage
@@ -138,6 +243,15 @@ class Pipeline:
         self.errors: List[str] = []
         if metrics is not None:
             metrics.on_scrape(self._refresh_gauges)
+
+    @property
+    def runner(self) -> Runner:
+        """The runner of the model in service (series already open may still use an older one)."""
+        return self.provider.current().runner
+
+    @property
+    def specs(self) -> ModelSpecs:
+        return self.provider.current().specs
 
     # --- lifecycle
 
@@ -228,33 +342,36 @@ class Pipeline:
                 self._work("decode", -1)
 
     def _preprocess_loop(self) -> None:
-        preprocessor = CpuPreprocessor(self.specs.preprocess)
-        spec = self.specs.preprocess
-        shape = (len(spec.windows), spec.out_height, spec.out_width)
+        preparation, preprocessor = None, None
         while True:
             item = self._preprocess_q.get()
             if item is _STOP:
                 return
             self._work("preprocess", +1)
             try:
-                prepared = self._prepare(item, preprocessor, shape)
+                model = self.provider.current()  # planes for the model in service; see _add for a switch
+                if model.preparation != preparation:
+                    preparation, preprocessor = model.preparation, CpuPreprocessor(model.specs.preprocess)
+                prepared = self._prepare(item, preprocessor, model)
                 if prepared is not None:
                     self._infer_q.put(prepared)  # blocks when inference is behind: backpressure
                 self.release()
             finally:
                 self._work("preprocess", -1)
 
-    def _prepare(self, item: Instance, preprocessor: CpuPreprocessor, shape) -> Optional[PreparedInstance]:
+    def _prepare(self, item: Instance, preprocessor: CpuPreprocessor, model: ServedModel) -> Optional[PreparedInstance]:
         frames = item.frames
         first = frames[0]
         slices: List[PreparedSlice] = []
+        spec = model.specs.preprocess
+        shape = (len(spec.windows), spec.out_height, spec.out_width)
         t0 = time.perf_counter()
         try:
             for f in frames:
                 if f.is_localizer:
                     slices.append(PreparedSlice(f.frame_index, f.geometry, None, is_localizer=True))
                     continue
-                planes = preprocessor.preprocess_frame(f, out=np.empty(shape, self._input_dtype))
+                planes = preprocessor.preprocess_frame(f, out=np.empty(shape, model.input_dtype))
                 slices.append(PreparedSlice(f.frame_index, f.geometry, planes))
         except EdgeError as e:
             self._reject(item, getattr(e, "reason", str(e)), "preprocess")
@@ -275,6 +392,7 @@ class Pipeline:
             slices=slices,
             path=item.path,
             received_at=item.received_at,
+            preparation=model.preparation,
         )
 
     def _reject(self, item: Instance, reason: str, stage: str) -> None:
@@ -310,42 +428,76 @@ class Pipeline:
             busy = self._busy["decode"] + self._busy["preprocess"]
         return busy == 0 and self._decode_q.empty() and self._preprocess_q.empty() and self._in_flight == 0
 
-    def _assembly(self, item: PreparedInstance) -> SeriesAssembly:
+    def _assembly(self, item: PreparedInstance) -> Tuple[SeriesAssembly, ServedModel]:
         key = (item.study_uid, item.series_uid)
         assembly = self._series.get(key)
         if assembly is None:
             if len(self._series) >= self.settings.max_open_series:
                 oldest = min(self._series.values(), key=lambda a: a.last_arrival or 0.0)
                 self._close_series(lambda a: a is oldest, "max_open_series")
+            self._refresh_model()
+            model = self.provider.current().acquire()  # kept until the series closes
             assembly = SeriesAssembly(
-                item.study_uid, item.series_uid, self._make_detector,
+                item.study_uid, item.series_uid, lambda: self._make_detector(model),
                 reorder_timeout_s=self.settings.reorder_timeout_s,
                 max_pending=self.settings.max_pending_per_series,
-                min_slices=self.settings.min_slices, reload=self._reload, clock=self.clock,
+                min_slices=self.settings.min_slices, reload=lambda path: self._reload(model, path), clock=self.clock,
             )
             with self._series_lock:
                 self._series[key] = assembly
-        return assembly
+                self._series_model[key] = model
+        return assembly, self._series_model[key]
 
-    def _make_detector(self) -> StreamingSeriesDetector:
-        return StreamingSeriesDetector(self.runner, self.specs, self.batch_size, record=self.latency.record)
+    def _refresh_model(self) -> None:
+        self._last_model_poll = self.clock()
+        try:
+            self.provider.refresh()
+        except Exception:  # looking for a new model must never stop the series in progress
+            log.exception("looking for a new model failed")
 
-    def _reload(self, path: str) -> Dict[int, np.ndarray]:
-        """Planes of the analysable frames of a spooled instance (series re-run in position order)."""
-        preprocessor = CpuPreprocessor(self.specs.preprocess)
-        spec = self.specs.preprocess
+    def _make_detector(self, model: ServedModel) -> StreamingSeriesDetector:
+        return StreamingSeriesDetector(model.runner, model.specs, self.batch_size, record=self.latency.record)
+
+    def _reload(self, model: ServedModel, path: str) -> Dict[int, np.ndarray]:
+        """Planes, for ``model``, of the analysable frames of a spooled instance (series re-run in
+        position order, or an instance preprocessed for another model)."""
+        preprocessor = CpuPreprocessor(model.specs.preprocess)
+        spec = model.specs.preprocess
         shape = (len(spec.windows), spec.out_height, spec.out_width)
         return {
-            f.frame_index: preprocessor.preprocess_frame(f, out=np.empty(shape, self._input_dtype))
+            f.frame_index: preprocessor.preprocess_frame(f, out=np.empty(shape, model.input_dtype))
             for f in read_frames(path)
             if not f.is_localizer
         }
 
     def _add(self, item: PreparedInstance, now: float) -> None:
-        assembly = self._assembly(item)
+        assembly, model = self._assembly(item)
+        if item.preparation != model.preparation and item.analysable:
+            item = self._prepare_again(item, model)
         self._emit(assembly, assembly.add(item, now))
 
+    def _prepare_again(self, item: PreparedInstance, model: ServedModel) -> PreparedInstance:
+        """Planes made for another model than the series' (a switch in between): made again from the spool."""
+        planes: Dict[int, np.ndarray] = {}
+        reason = "preprocessed for a model that was replaced, and it has no spool file to read again"
+        if item.path is not None:
+            try:
+                planes = self._reload(model, item.path)
+            except EdgeError as e:
+                reason = f"could not be read again for model {model.describe()}: {getattr(e, 'reason', e)}"
+        slices = []
+        for s in item.slices:
+            if not s.is_localizer:
+                s.planes = planes.get(s.frame_index)
+                if s.planes is None:
+                    self._reject(Instance(key=item.key, source="", path=item.path), reason, "preprocess")
+                    return dataclasses.replace(item, slices=[], preparation=model.preparation)
+            slices.append(s)
+        return dataclasses.replace(item, slices=slices, preparation=model.preparation)
+
     def _idle_work(self, now: float) -> None:
+        if now - self._last_model_poll >= _MODEL_POLL_S and not self._close_requested.is_set():
+            self._refresh_model()
         for assembly in list(self._series.values()):
             self._emit(assembly, assembly.poll(now))
             self._emit(assembly, assembly.run_ready())
@@ -365,12 +517,16 @@ class Pipeline:
                 continue
             with self._series_lock:
                 del self._series[key]
+                model = self._series_model.pop(key)
             t0 = time.perf_counter()
             try:
                 outcome = assembly.close(reason)
             except EdgeError as e:  # e.g. the model cannot run this series' input
                 log.error("series %s could not be completed: %s", assembly.series_uid, e)
                 continue
+            finally:
+                model.release()
+            outcome.model = dict(model.info)
             self.latency.record("close", time.perf_counter() - t0)
             self._emit(assembly, outcome.completed_at_close)
             self._output_q.put(outcome)
@@ -438,6 +594,11 @@ class Pipeline:
         for t in self._threads:
             t.join(timeout)
         self._started = False
+        with self._series_lock:  # series left open (no drain) give up their model
+            models, self._series_model = list(self._series_model.values()), {}
+            self._series.clear()
+        for model in models:
+            model.release()
 
     def _refresh_gauges(self) -> None:
         m = self.metrics

@@ -10,20 +10,28 @@ associations in progress finish (up to ``drain_timeout_s``, then abort them:
 their unacknowledged instances are re-sent by the scanner); refuse further
 instances; process everything admitted; close every open series and commit it.
 Afterwards no instance is left ``received``.
+
+The model: ``model.path`` (fixed for the life of the service), or with
+``model.update_state_dir`` the version ``edge update apply`` made current,
+picked up between series while the service runs
+(:class:`edge.update.reload.InstalledModelProvider`); each series result
+records the model that processed it.
 """
 
+import dataclasses
 import logging
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from edge.backends.base import Runner
 from edge.config import EdgeConfig
 from edge.errors import ConfigError, MissingDependencyError
+from edge.ingest.assembly import SeriesOutcome
 from edge.ingest.intake import Intake
 from edge.ingest.ledger import Ledger
-from edge.ingest.pipeline import Pipeline
+from edge.ingest.pipeline import FixedModelProvider, ModelProvider, Pipeline
 from edge.ingest.results import ResultStore
 from edge.ingest.scp import StorageSCP
 from edge.ingest.spool import Spool
@@ -31,6 +39,7 @@ from edge.ingest.watch import FolderWatcher
 from edge.metrics import MetricsServer, RuntimeMetrics
 from edge.model_file import ModelSpecs
 from edge.outputs.exporter import SeriesExporter
+from edge.outputs.report import SeriesReport
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +65,47 @@ def open_runner(config: EdgeConfig) -> Tuple[Runner, ModelSpecs, Path]:
     return runner, specs, path
 
 
-class EdgeService:
-    """See the module docstring. Pass ``runner`` and ``specs`` to use an already opened model."""
+def open_model_provider(config: EdgeConfig) -> ModelProvider:
+    """``model.update_state_dir``'s installed model (re-read between series), else ``model.path``'s."""
+    state_dir = config.model.update_state_dir
+    if not state_dir:
+        runner, specs, _ = open_runner(config)
+        return FixedModelProvider(runner, specs, owned=True)
+    from edge.update.prepare import open_prepared
+    from edge.update.reload import InstalledModelProvider
 
-    def __init__(self, config: EdgeConfig, runner: Optional[Runner] = None, specs: Optional[ModelSpecs] = None):
+    backend = config.model.backend
+
+    def open_version(folder):
+        prepared = open_prepared(folder)
+        if prepared.backend != backend:
+            raise ConfigError(f"{config.source}: model.backend is {backend!r} but {Path(folder).name} was prepared "
+                              f"for {prepared.backend!r} (set model.backend to match this device)")
+        return prepared
+
+    return InstalledModelProvider(state_dir, open_version=open_version)
+
+
+class _ServedResultStore(ResultStore):
+    """Records in each series report the model that processed that series (the model can change between series)."""
+
+    def _report(self, outcome: SeriesOutcome) -> SeriesReport:
+        report = super()._report(outcome)
+        return dataclasses.replace(report, model=dict(outcome.model)) if outcome.model else report
+
+
+class EdgeService:
+    """See the module docstring. Pass ``runner`` and ``specs`` to use an already opened model (not
+    deactivated here), or a ``provider`` (closed with the service); else the config's model is opened."""
+
+    def __init__(self, config: EdgeConfig, runner: Optional[Runner] = None, specs: Optional[ModelSpecs] = None,
+                 provider: Optional[ModelProvider] = None):
         if (runner is None) != (specs is None):
             raise ValueError("pass both runner and specs, or neither")
+        if runner is not None and provider is not None:
+            raise ValueError("pass runner and specs, or a provider, not both")
         self.config = config
-        self._own_runner = runner is None
-        self.runner, self.specs = runner, specs
-        self.model_path: Optional[Path] = None
+        self.provider = FixedModelProvider(runner, specs) if runner is not None else provider
         self.metrics = RuntimeMetrics()
         self.ledger: Optional[Ledger] = None
         self.spool: Optional[Spool] = None
@@ -87,18 +127,16 @@ class EdgeService:
         c = self.config
         for name in _PHI_LOGGERS:
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
-        if self.runner is None:
-            self.runner, self.specs, self.model_path = open_runner(c)
+        if self.provider is None:
+            self.provider = open_model_provider(c)
         self.spool = Spool(c.spool_dir, c.rejected_dir if c.storage.keep_rejected else None)
         self.ledger = Ledger(c.ledger_path)
         exporter = SeriesExporter(c.outputs.dir, jsonl=c.outputs.jsonl, overlays=c.outputs.overlays, sr=c.outputs.sr,
                                   report_threshold=c.outputs.report_threshold,
                                   pacs=c.outputs.pacs)
-        card = self.specs.card or {}
-        model = {"name": str(card.get("name", "")), "version": str(card.get("version", ""))}
-        self.results = ResultStore(self.ledger, self.spool, exporter, self.metrics, model=model)
-        self.pipeline = Pipeline(self.runner, self.specs, c.pipeline, self.results, self.metrics,
-                                 batch_size=c.model.batch_size)
+        self.results = _ServedResultStore(self.ledger, self.spool, exporter, self.metrics, model=self.model)
+        self.pipeline = Pipeline(None, None, c.pipeline, self.results, self.metrics, batch_size=c.model.batch_size,
+                                 provider=self.provider)
         self.results.timings = self.pipeline.latency.summary
         exported = self.results.recover()
         if exported:
@@ -173,11 +211,26 @@ class EdgeService:
             self.metrics_server.stop()
         if self.ledger is not None:
             self.ledger.close()
-        if self._own_runner and self.runner is not None:
-            self.runner.deactivate()
+        if self.provider is not None:
+            self.provider.close()
+            self.provider = None
         self._started = False
 
     # --- state
+
+    @property
+    def runner(self) -> Optional[Runner]:
+        """The runner of the model in service (series already open may still use an older one)."""
+        return self.provider.current().runner if self.provider is not None else None
+
+    @property
+    def specs(self) -> Optional[ModelSpecs]:
+        return self.provider.current().specs if self.provider is not None else None
+
+    @property
+    def model(self) -> Dict[str, str]:
+        """What is recorded about the model in service (name, version, ...)."""
+        return dict(self.provider.current().info) if self.provider is not None else {}
 
     @property
     def scp_port(self) -> int:
@@ -191,5 +244,9 @@ class EdgeService:
         if self._draining:
             return False, "draining"
         counts = self.ledger.counts()
-        return True, (f"ok: {counts['received']} received, {counts['processed']} processed, "
-                      f"{counts['rejected']} rejected, {self.pipeline.open_series} open series")
+        text = (f"ok: {counts['received']} received, {counts['processed']} processed, "
+                f"{counts['rejected']} rejected, {self.pipeline.open_series} open series; "
+                f"model {self.provider.current().describe()}")
+        error = self.provider.error
+        # the model in service still works: report why the newest one is not in service, stay healthy
+        return True, text + (f"; model update not in service: {error}" if error else "")
