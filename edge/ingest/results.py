@@ -165,7 +165,7 @@ class ResultStore(PipelineSink):
             rejected=list(outcome.rejected),
             closed_reason=outcome.closed_reason,
             streamed=outcome.streamed,
-            model=self.model,
+            model=dict(outcome.model) if outcome.model else self.model,  # the model can change between series
             committed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             timings_ms=timings,
             sources=sources,

@@ -18,7 +18,6 @@ picked up between series while the service runs
 records the model that processed it.
 """
 
-import dataclasses
 import logging
 import threading
 import time
@@ -28,7 +27,6 @@ from typing import Dict, Optional, Tuple
 from edge.backends.base import Runner
 from edge.config import EdgeConfig
 from edge.errors import ConfigError, MissingDependencyError
-from edge.ingest.assembly import SeriesOutcome
 from edge.ingest.intake import Intake
 from edge.ingest.ledger import Ledger
 from edge.ingest.pipeline import FixedModelProvider, ModelProvider, Pipeline
@@ -39,7 +37,6 @@ from edge.ingest.watch import FolderWatcher
 from edge.metrics import MetricsServer, RuntimeMetrics
 from edge.model_file import ModelSpecs
 from edge.outputs.exporter import SeriesExporter
-from edge.outputs.report import SeriesReport
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +83,6 @@ def open_model_provider(config: EdgeConfig) -> ModelProvider:
     return InstalledModelProvider(state_dir, open_version=open_version)
 
 
-class _ServedResultStore(ResultStore):
-    """Records in each series report the model that processed that series (the model can change between series)."""
-
-    def _report(self, outcome: SeriesOutcome) -> SeriesReport:
-        report = super()._report(outcome)
-        return dataclasses.replace(report, model=dict(outcome.model)) if outcome.model else report
-
-
 class EdgeService:
     """See the module docstring. Pass ``runner`` and ``specs`` to use an already opened model (not
     deactivated here), or a ``provider`` (closed with the service); else the config's model is opened."""
@@ -134,7 +123,7 @@ class EdgeService:
         exporter = SeriesExporter(c.outputs.dir, jsonl=c.outputs.jsonl, overlays=c.outputs.overlays, sr=c.outputs.sr,
                                   report_threshold=c.outputs.report_threshold,
                                   pacs=c.outputs.pacs)
-        self.results = _ServedResultStore(self.ledger, self.spool, exporter, self.metrics, model=self.model)
+        self.results = ResultStore(self.ledger, self.spool, exporter, self.metrics, model=self.model)
         self.pipeline = Pipeline(None, None, c.pipeline, self.results, self.metrics, batch_size=c.model.batch_size,
                                  provider=self.provider)
         self.results.timings = self.pipeline.latency.summary
