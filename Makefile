@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[toolchain,bench,test]'
+	$(PY) -m pip install -q -e '.[toolchain,bench,test,metrics]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -65,7 +65,7 @@ def test_distillation_loss_decreases_on_a_fixed_batch_and_leaves_the_teacher_alo
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
     assert {"heatmap", "size", "offset", "kd_heatmap", "kd_regression"} <= set(parts)
     assert ("kd_feature" in parts) == bool(cfg.feature_weight)
