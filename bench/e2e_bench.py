@@ -47,6 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.machine import machine_info  # noqa: E402
+
 from edge.ingest.pipeline import StageLatency  # noqa: E402  (after the path set-up above)
 
 MODEL_DIR = REPO / "edge" / "models"
@@ -59,21 +61,6 @@ OUR_STAGES = ("decode", "preprocess", "infer", "postprocess")
 
 
 # --- machine and versions
-
-
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "logical_cores": os.cpu_count(), "threads_used": threads, "platform": platform.platform()}
-    if hasattr(os, "nice"):
-        info["niceness"] = os.nice(0)
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    return info
 
 
 VERSIONED = ("numpy", "pydicom", "cv2", "onnxruntime", "torch", "pynetdicom", "psutil")

@@ -18,7 +18,6 @@ Writes int8_cpu.json and int8_cpu.md (machine, date, command, versions).
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 import sys
@@ -32,20 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.machine import machine_info  # noqa: E402
+
 TARGET_RATIO = 1.5
-
-
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "logical_cores": os.cpu_count(), "threads_used": threads, "platform": platform.platform()}
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    return info
 
 
 def versions() -> dict:
@@ -146,7 +134,7 @@ def write_markdown(report: dict, path: Path) -> None:
         f"- command: `{report['command']}`",
         f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['threads_used']} intra-op thread(s), "
         f"load average at start {m.get('load_average_at_start')}",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         f"- model: {report['model']} ({report['model_note']}), input {report['input_shape']}",
         f"- target: FP32 / INT8 (CPU placement) >= {TARGET_RATIO}x",
         "",

@@ -29,6 +29,7 @@ from edge.geometry import SliceGeometry
 from edge.preprocess.cpu import CpuPreprocessor
 from edge.preprocess.reference import preprocess_frame_reference
 from edge.preprocess.spec import WINDOW_PRESETS, PreprocessSpec
+from bench.machine import machine_info
 
 TARGET_SPEEDUP_VS_MONAI = 3.0
 
@@ -83,19 +84,6 @@ def median_ms(fn, repeats: int, warmup: int = 3) -> float:
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
-
-
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "logical_cores": os.cpu_count(), "threads_used": threads, "platform": platform.platform()}
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
-    return info
 
 
 def versions() -> dict:

@@ -325,7 +325,7 @@ def _profile_batches(engine, name) -> Tuple[int, int, int]:
     return tuple(int(s[0]) for s in shapes)
 
 
-def open_tensorrt_runner(engine_path) -> "Tuple[TensorRtRunner, ModelSpecs]":
+def open_tensorrt_runner(engine_path):
     """Activate the engine at ``engine_path`` and read the model specs its manifest carries."""
     from edge.model_file import ModelSpecs
 
