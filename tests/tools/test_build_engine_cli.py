@@ -10,6 +10,7 @@ import torch
 
 from calib.phantom_pool import ensure_phantom_pool
 from calib.qdq_check import check_qdq_file
+from calib.ranges import DEFAULT_METHOD
 from calib.trt_cache import read_calibration_cache
 from edge.decode.spec import DecodeSpec
 from edge.model_file import ModelSpecs, read_model_specs
@@ -110,7 +111,8 @@ def test_given_qdq_model_skips_calibration_and_reaches_the_build(inputs, tmp_pat
     (req,) = seen
     info = json.loads({p.key: p.value for p in onnx.load(str(qdq)).metadata_props}["ct_edge.quantization"])
     assert req.onnx_path == qdq and req.calibration_sha256 == info["calibration_sha256"]
-    assert req.calibration_method == "percentile" and not (tmp_path / "again" / "calibration_manifest.json").exists()
+    assert req.calibration_method == info["method"] == DEFAULT_METHOD
+    assert not (tmp_path / "again" / "calibration_manifest.json").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
