@@ -81,7 +81,7 @@ def test_without_a_teacher_only_the_task_loss_counts(sampler):
     x, targets = fixed_batch(sampler, n=2)
     loss, parts = DistillLoss(None)(StudentNet(student), x, targets)
     assert set(parts) == {"heatmap", "size", "offset"}
-    assert float(loss) == pytest.approx(parts["heatmap"] + 0.1 * parts["size"] + parts["offset"], rel=1e-5)
+    assert loss.item() == pytest.approx(parts["heatmap"] + 0.1 * parts["size"] + parts["offset"], rel=1e-5)
 
 
 def test_bad_settings_are_config_errors():
