@@ -47,7 +47,9 @@ def detect_folder(
         frames, bad = load_series(g)
         run.rejected += bad
         if len(frames) < min_slices:
-            run.rejected += [Rejection(p, f"series has {len(frames)} usable slice(s), at least {min_slices} needed") for p in g.paths if p not in {b.path for b in bad}]
+            already = {b.path for b in bad}
+            reason = f"series has {len(frames)} usable slice(s), at least {min_slices} needed"
+            run.rejected += [Rejection(p, reason) for p in g.paths if p not in already]
             continue
         try:
             findings = detector.detect(frames)

@@ -38,15 +38,13 @@ def run_selftest(model_path: Optional[Path] = None) -> Iterator[str]:
     yield f"preprocess: CPU path matches the float64 reference (max abs error {err:.2e})"
 
     if model_path is None:
-        from edge.cli import MODELS_DIR
+        from edge.cli import default_model_path
 
-        for name in ("student.onnx", "teacher.onnx"):
-            if (MODELS_DIR / name).is_file():
-                model_path = MODELS_DIR / name
-                break
-    if model_path is None:
-        yield "model: none installed, inference skipped"
-        return
+        try:
+            model_path = default_model_path()
+        except EdgeError:
+            yield "model: none installed, inference skipped"
+            return
     from edge.backends.onnxruntime_runner import OnnxRuntimeRunner
     from edge.detector import SeriesDetector
     from edge.model_file import ModelSpecs

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from edge.errors import InputError
+from edge.preprocess.reference import window_to_unit_range
 from toolchain.models.centernet_unet import build_model, count_parameters
 from toolchain.training.recipes import DEFAULT_DECODE, DEFAULT_PREPROCESS, TEACHER_ARCH
 from toolchain.training.sampling import AugmentConfig, CropSampler
@@ -15,8 +16,7 @@ from toolchain.training.trainer import TrainConfig, Trainer
 
 
 def _fill_value(spec) -> float:
-    w = spec.windows[0]
-    return min(max((spec.fill_hu - w.low) / w.width, 0.0), 1.0)
+    return float(window_to_unit_range(spec.fill_hu, spec.windows[0]))
 
 
 def build_samplers(data_dir, spec, stride: int, cfg: Optional[AugmentConfig] = None):

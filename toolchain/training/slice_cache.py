@@ -61,6 +61,8 @@ def cache_split(split_dir, spec: PreprocessSpec) -> List[CachedSeries]:
         planes = np.stack([pre.preprocess_frame(f) for f in frames]).astype(np.float16)
         locations = np.array([f.geometry.slice_location for f in frames])
         per_slice = [[] for _ in frames]
+        resamples = [spec.resample_geometry(f.geometry.rows, f.geometry.columns, f.geometry.pixel_spacing)
+                     for f in frames]
         for x, y, z, d in annotations.get(g.series_uid, []):
             for k, f in enumerate(frames):
                 geo = f.geometry
@@ -69,7 +71,7 @@ def cache_split(split_dir, spec: PreprocessSpec) -> List[CachedSeries]:
                 if frac > 1.0:
                     continue
                 row, col = geo.patient_to_pixel([x, y, z])
-                rs = spec.resample_geometry(geo.rows, geo.columns, geo.pixel_spacing)
+                rs = resamples[k]
                 r_in, c_in = rs.to_output(float(row), float(col))
                 mm_per_px = 0.5 * (rs.scale_y * geo.pixel_spacing[0] + rs.scale_x * geo.pixel_spacing[1])
                 per_slice[k].append((float(r_in), float(c_in), d / mm_per_px, frac))
