@@ -10,7 +10,7 @@ def test_output_shapes_and_stride():
     assert hm.shape == (2, 1, 64 // OUTPUT_STRIDE, 96 // OUTPUT_STRIDE)
     assert size.shape == hm.shape and off.shape == (2, 2, 32, 48)
     p, _, _ = ExportWrapper(m)(torch.zeros(1, 3, 64, 64))
-    assert float(p.min()) >= 0.0 and float(p.max()) <= 1.0
+    assert p.min().item() >= 0.0 and p.max().item() <= 1.0
 
 
 def test_teacher_is_several_million_parameters_with_channels_multiple_of_8():
