@@ -10,6 +10,7 @@ derives every crop's RNG from one draw of it plus the rank, so a resumed run
 sees the same batches on the same ranks. The global batch is N x batch size.
 """
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -52,7 +53,14 @@ def init_distributed(backend: str = "gloo") -> DistContext:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Leave the process group: collect unreachable DDP wrappers first, then destroy the group.
+
+    A DistributedDataParallel left in a reference cycle (e.g. by an exception's
+    traceback) that is collected after the group is gone aborts the process
+    (gloo: "terminate called without an active exception").
+    """
     if ctx.distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -5,6 +5,7 @@ records its parameters for the test to compare across ranks.
 """
 
 import argparse
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,7 @@ def main():
             train(ctx, args.out, args.steps, crops=args.interrupt_after_crops)
             interrupted_at = None
         except Interrupted:
+            gc.collect()  # the interrupted run's DDP wrapper goes while the process group is alive
             barrier(ctx)
             interrupted_at = int(torch.load(Path(args.out) / "last.pt", weights_only=True)["step"])
         student = train(ctx, args.out, args.steps, resume=True)
