@@ -2,6 +2,7 @@
 """Train the teacher detector on the phantom training split (CPU).
 
     python tools/train_teacher.py --data data/phantoms --out runs/teacher [--steps 3000] [--resume]
+    python tools/train_teacher.py --data data/phantoms --out runs/teacher_ft --init runs/teacher/last.pt --lr 5e-4
 """
 
 import argparse
@@ -23,13 +24,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--init", help="start from this checkpoint's weights (fine-tuning; fresh optimizer and schedule)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
         from toolchain.training.run import train_detector
 
         ckpt = train_detector(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                              seed=args.seed, threads=args.threads, resume=args.resume, progress=not args.no_progress)
+                              seed=args.seed, threads=args.threads, resume=args.resume,
+                              progress=not args.no_progress, init=args.init)
     except EdgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -37,19 +37,38 @@ def build_samplers(data_dir, spec, stride: int, cfg: Optional[AugmentConfig] = N
             CropSampler(val, spec.slices, stride, fill, AugmentConfig(crop=cfg.crop)) if val else None)
 
 
+def load_initial_weights(model: torch.nn.Module, path) -> None:
+    """Copy a training checkpoint's weights into ``model``; InputError when the file or architecture differs."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "initial checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except (KeyError, TypeError, RuntimeError, EOFError) as e:
+        raise InputError(path, f"not a training checkpoint ({e})") from None
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as e:
+        raise InputError(path, f"checkpoint does not fit the architecture: {str(e).splitlines()[0]}") from None
+
+
 def train_detector(data_dir, out_dir, arch=None, steps=3000, batch_size=16, lr=2e-3, seed=0, threads=0,
-                   resume=False, progress=True, name="teacher") -> Path:
+                   resume=False, progress=True, name="teacher", init=None) -> Path:
+    """Train a detector; ``init`` starts from a checkpoint's weights (same architecture) with a fresh schedule."""
     arch = dict(arch or TEACHER_ARCH)
     spec, decode = DEFAULT_PREPROCESS, DEFAULT_DECODE
     torch.manual_seed(seed)
     model = build_model(arch)
+    if init is not None:
+        load_initial_weights(model, init)
     sampler, val_sampler = build_samplers(data_dir, spec, decode.stride)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads)
     extra = {
         "arch": arch,
         "preprocess": spec.to_dict(),
         "decode": decode.to_dict(),
-        "card": {"name": name, "parameters": count_parameters(model), "data": str(data_dir), "seed": seed},
+        "card": {"name": name, "parameters": count_parameters(model), "data": str(data_dir), "seed": seed,
+                 "init": str(init) if init is not None else None},
     }
     trainer = Trainer(model, sampler, val_sampler, cfg, out_dir, extra, progress=progress)
     last = Path(out_dir) / "last.pt"

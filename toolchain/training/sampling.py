@@ -22,7 +22,10 @@ class AugmentConfig:
     positive_fraction: float = 0.5
     rotate_deg: float = 180.0
     scale_range: Tuple[float, float] = (0.8, 1.25)
-    noise_sigma_max: float = 0.04
+    noise_sigma_max: float = 0.06
+    noise_grain_probability: float = 0.5  # band-limited (correlated) noise, as from smooth kernels
+    sharpen_probability: float = 0.3  # edge enhancement, as from sharp (e.g. Br64, FC52) kernels
+    sharpen_max: float = 1.0
     gamma_range: Tuple[float, float] = (0.75, 1.35)
     blur_probability: float = 0.3
     blur_sigma_max: float = 0.9
@@ -97,9 +100,24 @@ class CropSampler:
             sig = rng.uniform(0.3, cfg.blur_sigma_max)
             for ch in range(out.shape[0]):
                 out[ch] = cv2.GaussianBlur(out[ch], (0, 0), sig)
+        elif rng.random() < cfg.sharpen_probability:
+            amount = rng.uniform(0.2, cfg.sharpen_max)
+            for ch in range(out.shape[0]):
+                out[ch] += np.float32(amount) * (out[ch] - cv2.GaussianBlur(out[ch], (0, 0), 1.0))
         out = out * rng.uniform(*cfg.contrast_range) + rng.uniform(-cfg.brightness_max, cfg.brightness_max)
-        out += rng.normal(0, rng.uniform(0, cfg.noise_sigma_max), out.shape).astype(np.float32)
+        out += self._noise(out.shape, rng)
         return out.astype(np.float32), tg
+
+    def _noise(self, shape, rng) -> np.ndarray:
+        """White or correlated Gaussian noise with a random SD up to ``noise_sigma_max``."""
+        cfg = self.cfg
+        noise = rng.standard_normal(shape).astype(np.float32)
+        if rng.random() < cfg.noise_grain_probability:
+            grain = rng.uniform(0.5, 1.5)
+            for ch in range(shape[0]):
+                noise[ch] = cv2.GaussianBlur(noise[ch], (0, 0), grain)
+            noise /= max(float(noise.std()), 1e-6)
+        return noise * np.float32(rng.uniform(0, cfg.noise_sigma_max))
 
 
 def collate(samples):

@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from edge.errors import InputError
+from toolchain.models.centernet_unet import CenterNetUNet
+from toolchain.training.run import load_initial_weights
+
+
+def test_initial_weights_are_copied(tmp_path):
+    torch.manual_seed(0)
+    src = CenterNetUNet(3, [8, 16], 8)
+    torch.save({"state_dict": {k: v.half() for k, v in src.state_dict().items()}, "step": 5}, tmp_path / "a.pt")
+    torch.manual_seed(1)
+    dst = CenterNetUNet(3, [8, 16], 8)
+    load_initial_weights(dst, tmp_path / "a.pt")
+    for (k, v), w in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.allclose(v, w, atol=1e-2), k
+
+
+def test_initial_weights_from_another_architecture_name_the_file(tmp_path):
+    torch.save({"state_dict": CenterNetUNet(3, [8, 16], 8).state_dict()}, tmp_path / "a.pt")
+    with pytest.raises(InputError, match="a.pt.*does not fit"):
+        load_initial_weights(CenterNetUNet(3, [16, 16], 8), tmp_path / "a.pt")
+    with pytest.raises(InputError, match="not found"):
+        load_initial_weights(CenterNetUNet(3, [8, 16], 8), tmp_path / "missing.pt")
