@@ -22,12 +22,9 @@ def default_model_path() -> Path:
 
 
 def _open_runner(model_path):
-    from edge.backends.onnxruntime_runner import OnnxRuntimeRunner
-    from edge.model_file import ModelSpecs
+    from edge.backends.onnxruntime_runner import open_onnxruntime_runner
 
-    runner = OnnxRuntimeRunner(model_path).activate()
-    specs = ModelSpecs.from_metadata(runner.custom_metadata(), source=model_path)
-    return runner, specs
+    return open_onnxruntime_runner(model_path)
 
 
 def cmd_detect(args) -> int:

@@ -62,3 +62,16 @@ class OnnxRuntimeRunner(Runner):
         """The ONNX file's metadata_props (where the preprocessing and decode specs travel)."""
         self._require_active()
         return dict(self.session.get_modelmeta().custom_metadata_map)
+
+
+def open_onnxruntime_runner(model_path, intra_op_threads: int = 0):
+    """Activate an ONNX model with ONNX Runtime and read the model specs it carries (metadata_props)."""
+    from edge.model_file import ModelSpecs
+
+    runner = OnnxRuntimeRunner(model_path, intra_op_threads=intra_op_threads).activate()
+    try:
+        specs = ModelSpecs.from_metadata(runner.custom_metadata(), source=model_path)
+    except BaseException:
+        runner.deactivate()
+        raise
+    return runner, specs

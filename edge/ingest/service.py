@@ -48,10 +48,10 @@ def open_runner(config: EdgeConfig) -> Tuple[Runner, ModelSpecs, Path]:
     """The configured backend, activated, with the model's embedded specs."""
     path = config.model_path()
     if config.model.backend == "onnxruntime":
-        from edge.backends.onnxruntime_runner import OnnxRuntimeRunner
+        from edge.backends.onnxruntime_runner import open_onnxruntime_runner
 
-        runner = OnnxRuntimeRunner(path, intra_op_threads=config.model.intra_op_threads).activate()
-        return runner, ModelSpecs.from_metadata(runner.custom_metadata(), source=path), path
+        runner, specs = open_onnxruntime_runner(path, intra_op_threads=config.model.intra_op_threads)
+        return runner, specs, path
     try:
         from edge.backends.tensorrt_runner import open_tensorrt_runner  # provided by the GPU path
     except ImportError:

@@ -1,0 +1,42 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ingest"))
+
+from ingest_helpers import blob_specs, build_blob_model  # noqa: E402
+
+from edge.backends.onnxruntime_runner import open_onnxruntime_runner  # noqa: E402
+from edge.errors import InputError  # noqa: E402
+
+
+def test_open_reads_the_embedded_specs_and_runs(tmp_path):
+    specs = blob_specs()
+    runner, read = open_onnxruntime_runner(build_blob_model(tmp_path / "m.onnx", specs))
+    try:
+        assert read.preprocess == specs.preprocess and read.decode == specs.decode
+        p = specs.preprocess
+        out = runner.infer({"input": np.zeros((1, p.channels, p.out_height, p.out_width), np.float32)})
+        assert set(out) == {"heatmap", "size", "offset"}
+    finally:
+        runner.deactivate()
+
+
+def test_a_model_without_specs_is_a_user_error_and_the_session_is_closed(tmp_path, monkeypatch):
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["heatmap"])], "bare",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, [1, 3, 8, 8])])
+    path = tmp_path / "bare.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    closed = []
+    from edge.backends.onnxruntime_runner import OnnxRuntimeRunner
+
+    original = OnnxRuntimeRunner.deactivate
+    monkeypatch.setattr(OnnxRuntimeRunner, "deactivate", lambda self: closed.append(1) or original(self))
+    with pytest.raises(InputError, match="bare.onnx.*lacks metadata"):
+        open_onnxruntime_runner(path)
+    assert closed == [1]
