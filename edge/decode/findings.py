@@ -36,7 +36,7 @@ class Finding:
     y: float
     z: float
     diameter_mm: float  # largest in-plane diameter over the track
-    probability: float  # max_score, scaled down for tracks elongated along z
+    probability: float  # max_score, scaled down for tracks elongated along z or too flat
     max_score: float
     n_slices: int  # slices with a detection
     z_extent_mm: float  # |last - first| slice location, centre to centre
@@ -82,6 +82,7 @@ class SeriesFindingAggregator:
         self._index = -1  # index of the last slice added
         self._last_location: Optional[float] = None
         self._direction = 0  # +1 increasing, -1 decreasing, 0 not known yet
+        self._spacing = 0.0  # distance between the last two slices
         self._flushed = False
 
     @property
@@ -120,6 +121,7 @@ class SeriesFindingAggregator:
             if abs(delta) < _LOCATION_TOLERANCE_MM:
                 raise ValueError(f"slice location {loc} mm added twice")
             direction = 1 if delta > 0 else -1
+            self._spacing = abs(delta)
             if self._direction == 0:
                 self._direction = direction
             elif direction != self._direction:
@@ -171,6 +173,11 @@ class SeriesFindingAggregator:
             elongation = extent / diameter if diameter > 0 else math.inf
             if elongation > limit:
                 probability = max_score * limit / elongation
+        least = self.spec.min_z_span
+        if least is not None and diameter > 0 and self._spacing > 0:
+            span = extent + self._spacing
+            if span < least * diameter:
+                probability *= (span / (least * diameter)) ** 2
         return Finding(
             x=float(centre[0]),
             y=float(centre[1]),

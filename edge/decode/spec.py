@@ -32,7 +32,11 @@ class DecodeSpec:
     consecutive slices without a detection; tracks with fewer than ``min_slices``
     detections are dropped. With ``max_elongation`` set, a finding whose z extent is
     more than ``max_elongation`` times its diameter (a vessel running along z) has its
-    probability scaled by ``max_elongation / (z_extent / diameter)``.
+    probability scaled by ``max_elongation / (z_extent / diameter)``. With ``min_z_span``
+    set, a finding whose z span (extent plus one slice spacing: the slab it was seen
+    in) is less than ``min_z_span`` times its diameter (a flat structure, or a blob seen
+    on too few slices for its size) has its probability scaled by
+    ``(z_span / (min_z_span * diameter)) ** 2``. A nodule is about as deep as it is wide.
     """
 
     stride: int = 4  # model-input pixels per output cell
@@ -43,6 +47,7 @@ class DecodeSpec:
     max_gap_slices: int = 1
     min_slices: int = 2
     max_elongation: Optional[float] = 3.0  # None: no penalty
+    min_z_span: Optional[float] = None  # None: no penalty
     version: int = field(default=1)
 
     def __post_init__(self):
@@ -68,6 +73,8 @@ class DecodeSpec:
             raise ConfigError(f"decode.min_slices must be an integer >= 1, got {self.min_slices!r}")
         if self.max_elongation is not None and not (_is_number(self.max_elongation) and self.max_elongation > 0):
             raise ConfigError(f"decode.max_elongation must be a number > 0 or null, got {self.max_elongation!r}")
+        if self.min_z_span is not None and not (_is_number(self.min_z_span) and 0 < self.min_z_span <= 1):
+            raise ConfigError(f"decode.min_z_span must be a number in (0, 1] or null, got {self.min_z_span!r}")
         if self.version != 1:
             raise ConfigError(f"decode.version: unsupported version {self.version!r} (this runtime reads 1)")
 

@@ -8,6 +8,7 @@ import pytest
 from edge.decode.findings import Finding, SeriesFindingAggregator
 from edge.decode.peaks import SliceDetection
 from edge.decode.spec import DecodeSpec
+from edge.errors import ConfigError
 
 SPACING = 1.5  # mm between slices
 
@@ -153,6 +154,28 @@ def test_long_tube_along_z_is_penalised():
     nodule = sphere_slices((0.0, 0.0, 10.0), 5.0, locs, score=0.9)
     ((_, n),) = run(DecodeSpec(max_elongation=3.0), locs, nodule)
     assert n.probability == n.max_score
+
+
+def test_flat_blob_is_penalised_by_its_z_span():
+    locs = locations(12, step=1.0)
+    # seen on 2 slices, 10 mm wide: span = 1 mm extent + 1 mm spacing = 2 mm
+    flat = {loc: [det(0.0, 0.0, loc, diameter=10.0, score=0.8)] for loc in locs[4:6]}
+    ((_, f),) = run(DecodeSpec(min_z_span=0.5, max_elongation=None), locs, flat)
+    assert f.probability == pytest.approx(0.8 * (2.0 / (0.5 * 10.0)) ** 2)
+    ((_, off),) = run(DecodeSpec(min_z_span=None), locs, flat)
+    assert off.probability == pytest.approx(0.8)
+
+    # a sphere is as deep as it is wide: not penalised
+    nodule = sphere_slices((0.0, 0.0, 6.0), 4.0, locs, score=0.9)
+    ((_, n),) = run(DecodeSpec(min_z_span=0.7), locs, nodule)
+    assert n.probability == n.max_score
+
+
+def test_min_z_span_is_validated():
+    for bad in (0, 1.5, "0.5", float("nan")):
+        with pytest.raises(ConfigError, match="min_z_span"):
+            DecodeSpec(min_z_span=bad)
+    assert DecodeSpec.from_json(DecodeSpec(min_z_span=0.7).to_json()).min_z_span == 0.7
 
 
 @pytest.mark.parametrize("max_gap, expected", [(1, [6]), (0, [3, 3])])
