@@ -6,9 +6,11 @@ The model is written to --out only when ONNX Runtime matches PyTorch within
 """
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
+from edge.decode.spec import DecodeSpec
 from edge.errors import ConfigError, EdgeError, InputError
 from toolchain.export.onnx_export import DEFAULT_OPSET, export_onnx, load_checkpoint, summarize_graph
 from toolchain.export.parity import (
@@ -31,7 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-inputs", type=int, default=DEFAULT_PARITY_INPUTS, metavar="N",
                    help="slices of the series to compare on, evenly spaced (default %(default)s)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, 17 or later (default %(default)s)")
+    p.add_argument("--decode", metavar="JSON",
+                   help="decode spec file to embed instead of the checkpoint's (e.g. one tuned on validation series); "
+                        "its stride must be the model's")
     return p
+
+
+def read_decode_spec(path) -> DecodeSpec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InputError(path, f"cannot read the decode spec: {e.strerror or e}") from None
+    try:
+        return DecodeSpec.from_json(text)
+    except ConfigError as e:
+        raise InputError(path, str(e)) from None
 
 
 def run(args) -> str:
@@ -41,6 +58,8 @@ def run(args) -> str:
     if not out.parent.is_dir():
         raise InputError(out, "its folder does not exist")
     model, specs = load_checkpoint(args.checkpoint)
+    if args.decode:
+        specs = dataclasses.replace(specs, decode=read_decode_spec(args.decode))
     frames, source = parity_frames(args.parity_series)
     inputs = network_inputs(frames, specs.preprocess, args.parity_inputs)
     staging = out.with_name(f".{out.name}.unchecked")

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import importlib.util
 import io
 import subprocess
@@ -334,3 +335,26 @@ def test_cli_writes_nothing_when_parity_fails(tmp_path, capsys, monkeypatch):
     assert rc == 1
     assert "heatmap max abs diff" in err and "not written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]
+
+
+def test_cli_embeds_a_given_decode_spec(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "tiny.pt")
+    tuned = dataclasses.replace(tiny_specs().decode, min_z_span=0.7, max_elongation=1.5)
+    (tmp_path / "decode.json").write_text(tuned.to_json())
+    out = tmp_path / "m.onnx"
+    rc = load_cli().main(["--checkpoint", str(ckpt), "--out", str(out), "--parity-inputs", "1",
+                          "--decode", str(tmp_path / "decode.json")])
+    assert rc == 0
+    assert read_model_specs(out).decode == tuned
+    assert read_model_specs(out).preprocess == tiny_specs().preprocess
+
+
+def test_cli_bad_decode_spec_is_a_one_line_error_naming_the_file(tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "tiny.pt")
+    (tmp_path / "decode.json").write_text('{"min_z_span": 3}')
+    rc = load_cli().main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "m.onnx"),
+                          "--decode", str(tmp_path / "decode.json")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1
+    assert f"{tmp_path / 'decode.json'}" in err and "min_z_span" in err
+    assert not (tmp_path / "m.onnx").exists()
