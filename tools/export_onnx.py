@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from edge.decode.spec import DecodeSpec
+from edge.decode.spec import read_decode_spec
 from edge.errors import ConfigError, EdgeError, InputError
 from toolchain.export.onnx_export import DEFAULT_OPSET, export_onnx, load_checkpoint, summarize_graph
 from toolchain.export.parity import (
@@ -38,17 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "its stride must be the model's")
     return p
 
-
-def read_decode_spec(path) -> DecodeSpec:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise InputError(path, f"cannot read the decode spec: {e.strerror or e}") from None
-    try:
-        return DecodeSpec.from_json(text)
-    except ConfigError as e:
-        raise InputError(path, str(e)) from None
 
 
 def run(args) -> str:

@@ -6,10 +6,11 @@ so the runtime decodes exactly as the model was validated.
 
 import json
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from edge.errors import ConfigError
+from edge.errors import ConfigError, InputError
 
 
 def _is_int(v) -> bool:
@@ -100,3 +101,16 @@ class DecodeSpec:
         except ValueError as e:
             raise ConfigError(f"decode spec is not valid JSON: {e}") from None
         return cls.from_dict(d)
+
+
+def read_decode_spec(path) -> DecodeSpec:
+    """A decode spec from a JSON file; InputError naming the file when it is unreadable or invalid."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InputError(path, f"cannot read the decode spec: {e.strerror or e}") from None
+    try:
+        return DecodeSpec.from_json(text)
+    except ConfigError as e:
+        raise InputError(path, str(e)) from None
