@@ -43,9 +43,32 @@ class Finding:
     first_slice_location: float
     last_slice_location: float
     key_slice_location: float  # slice with the highest score
+    slice_spacing_mm: float = 0.0  # between the series' slices where the track ended (0: not known)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def shape_prior(max_score: float, z_extent_mm: float, slice_spacing_mm: float, diameter_mm: float,
+                spec: DecodeSpec) -> float:
+    """A finding's probability: its best slice score, scaled down when its 3-D shape is not nodule-like.
+
+    Longer along z than ``spec.max_elongation`` x its diameter (a vessel), or a z span
+    (extent plus one slice spacing) under ``spec.min_z_span`` x its diameter (too
+    flat): see :class:`~edge.decode.spec.DecodeSpec`.
+    """
+    probability = max_score
+    limit = spec.max_elongation
+    if limit is not None and z_extent_mm > 0:
+        elongation = z_extent_mm / diameter_mm if diameter_mm > 0 else math.inf
+        if elongation > limit:
+            probability = max_score * limit / elongation
+    least = spec.min_z_span
+    if least is not None and diameter_mm > 0 and slice_spacing_mm > 0:
+        span = z_extent_mm + slice_spacing_mm
+        if span < least * diameter_mm:
+            probability *= (span / (least * diameter_mm)) ** 2
+    return probability
 
 
 class _Track:
@@ -167,17 +190,7 @@ class SeriesFindingAggregator:
         first, last = dets[0].slice_location, dets[-1].slice_location
         extent = abs(last - first)
         max_score = float(scores.max())
-        probability = max_score
-        limit = self.spec.max_elongation
-        if limit is not None and extent > 0:
-            elongation = extent / diameter if diameter > 0 else math.inf
-            if elongation > limit:
-                probability = max_score * limit / elongation
-        least = self.spec.min_z_span
-        if least is not None and diameter > 0 and self._spacing > 0:
-            span = extent + self._spacing
-            if span < least * diameter:
-                probability *= (span / (least * diameter)) ** 2
+        probability = shape_prior(max_score, extent, self._spacing, diameter, self.spec)
         return Finding(
             x=float(centre[0]),
             y=float(centre[1]),
@@ -190,4 +203,5 @@ class SeriesFindingAggregator:
             first_slice_location=float(first),
             last_slice_location=float(last),
             key_slice_location=float(key.slice_location),
+            slice_spacing_mm=float(self._spacing),
         )

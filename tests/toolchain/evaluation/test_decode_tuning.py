@@ -1,0 +1,82 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "edge" / "ingest"))
+
+from ingest_helpers import Sphere, build_blob_model, write_series  # noqa: E402
+
+from edge.decode.findings import Finding  # noqa: E402
+from edge.decode.spec import DecodeSpec  # noqa: E402
+from edge.errors import InputError  # noqa: E402
+from toolchain.evaluation.decode_tuning import AnnotatedFolder, grid_search  # noqa: E402
+
+SCRIPT = Path(__file__).resolve().parents[3] / "tools" / "tune_decode.py"
+
+
+def finding(x, score, extent, diameter=10.0, spacing=1.0):
+    return Finding(x=x, y=0.0, z=0.0, diameter_mm=diameter, probability=score, max_score=score, n_slices=3,
+                   z_extent_mm=extent, first_slice_location=-extent / 2, last_slice_location=extent / 2,
+                   key_slice_location=0.0, slice_spacing_mm=spacing)
+
+
+def write_tables(folder: Path, nodules, series_uids):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "annotations.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+        w.writerows(nodules)
+    with open(folder / "series.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seriesuid"])
+        w.writerows([u] for u in series_uids)
+
+
+def test_grid_ranks_the_prior_that_demotes_a_vessel_first(tmp_path):
+    write_tables(tmp_path, [("1.2.3", 0.0, 0.0, 0.0, 10.0)], ["1.2.3", "1.2.4"])
+    folder = AnnotatedFolder.open(tmp_path)
+    found = {"1.2.3": [finding(0.0, 0.6, extent=9.0), finding(50.0, 0.9, extent=60.0)],  # nodule, vessel
+             "1.2.4": [finding(0.0, 0.8, extent=0.0, diameter=20.0)]}  # flat blob on one slice
+    points = grid_search([found], [folder], DecodeSpec(), [None, 1.0], [None, 0.7])
+    best = points[0]
+    assert (best.max_elongation, best.min_z_span) == (1.0, 0.7) and best.cpm == (1.0,)
+    none = next(p for p in points if p.max_elongation is None and p.min_z_span is None)
+    # both false positives outrank the nodule: found only from 1 FP/scan on (2 FPs, 2 scans)
+    assert none.mean_cpm == pytest.approx(4 / 7)
+
+
+def test_folder_without_tables_names_what_is_missing(tmp_path):
+    with pytest.raises(InputError, match="series.csv"):
+        write_tables(tmp_path, [], [])
+        (tmp_path / "series.csv").unlink()
+        AnnotatedFolder.open(tmp_path)
+
+
+def test_cli_tunes_on_real_series_through_the_runtime(tmp_path):
+    data = tmp_path / "val"
+    tube = [Sphere(-12.0, 10.0, float(z)) for z in np.arange(-30.0, 31.0, 1.0)]
+    a = write_series(data / "s0", n_slices=30, spheres=[Sphere(8.0, -6.0, 0.0)] + tube, seed=0)
+    b = write_series(data / "s1", n_slices=30, spheres=tube, seed=1)
+    write_tables(data, [(a.series_uid, 8.0, -6.0, 0.0, 14.0)], [a.series_uid, b.series_uid])
+    model = build_blob_model(tmp_path / "m.onnx")
+    r = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model), "--data", str(data),
+                        "--max-elongation", "none,1", "--min-z-span", "none", "--out", str(tmp_path / "d.json"),
+                        "--json", str(tmp_path / "grid.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    chosen = DecodeSpec.from_json((tmp_path / "d.json").read_text())
+    assert chosen.max_elongation == 1.0 and chosen.min_z_span is None
+    grid = json.loads((tmp_path / "grid.json").read_text())["grid"]
+    assert grid[0]["mean_cpm"] > grid[1]["mean_cpm"] and grid[1]["max_elongation"] is None
+
+
+def test_cli_bad_grid_value_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--model", "m.onnx", "--data", str(tmp_path),
+                        "--max-elongation", "1,abc", "--out", str(tmp_path / "d.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "'abc'" in r.stderr
+    assert not (tmp_path / "d.json").exists()
