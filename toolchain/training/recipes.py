@@ -18,6 +18,8 @@ DEFAULT_PREPROCESS = PreprocessSpec(
 )
 
 # A low threshold keeps the whole FROC curve; operating points are chosen downstream.
+# The 3-D shape prior (a nodule is about as deep as it is wide) was chosen by tools/tune_decode.py on
+# validation series (training scanner profiles), never on the test split: models/decode.json.
 DEFAULT_DECODE = DecodeSpec(
     stride=OUTPUT_STRIDE,
     score_threshold=0.05,
@@ -26,7 +28,8 @@ DEFAULT_DECODE = DecodeSpec(
     link_distance_mm=5.0,
     max_gap_slices=1,
     min_slices=1,
-    max_elongation=3.0,
+    max_elongation=0.9,
+    min_z_span=0.8,
 )
 
 TEACHER_ARCH = {"in_channels": DEFAULT_PREPROCESS.channels, "widths": [32, 64, 128, 256, 320], "head_width": 32}
