@@ -24,8 +24,11 @@ Runtime (intra-op) and OpenCV get the same ``--threads``. Target: ours >= 10x na
 Model (ours): ``--model``, else edge/models/student.int8.cpu.onnx, student.onnx, teacher.onnx,
 else a *preliminary* stand-in made here: random weights, uniformly slimmed teacher with
 parameters and MACs <= the student budget, INT8 Q/DQ in the CPU layout. Naive model: the
-teacher from ``--teacher-checkpoint``, else random weights of ``TEACHER_ARCH`` (throughput
-does not depend on the weights). Writes e2e_cpu.json and e2e_cpu.md.
+teacher from ``--teacher-checkpoint``, else the committed ``models/teacher/teacher.pt``, else
+random weights of ``TEACHER_ARCH`` (the same cost per slice, measured: 98 vs 105 ms CPU).
+Run it on a quiet machine: under load, eager PyTorch's thread pool loses more than our path
+(an earlier run at load average 3.4-5.8 on 2 cores measured 15.8x; quiet, 4.2x).
+Writes e2e_cpu.json and e2e_cpu.md.
 """
 
 import argparse
@@ -180,6 +183,9 @@ def resolve_model(given: Optional[str], work_dir, in_subprocess: bool = False) -
     return path, note, True
 
 
+COMMITTED_TEACHER = REPO / "models" / "teacher" / "teacher.pt"
+
+
 def naive_teacher(checkpoint: Optional[str] = None):
     """(eager fp32 teacher in eval mode, (channels, height, width), note)."""
     import torch
@@ -187,6 +193,8 @@ def naive_teacher(checkpoint: Optional[str] = None):
     from toolchain.models.centernet_unet import build_model
     from toolchain.training.recipes import DEFAULT_PREPROCESS, TEACHER_ARCH
 
+    if checkpoint is None and COMMITTED_TEACHER.is_file():
+        checkpoint = str(COMMITTED_TEACHER)
     if checkpoint:
         from toolchain.export.onnx_export import load_checkpoint
 
@@ -195,7 +203,7 @@ def naive_teacher(checkpoint: Optional[str] = None):
         return model, (spec.channels, spec.out_height, spec.out_width), f"teacher checkpoint {checkpoint}"
     torch.manual_seed(0)
     spec = DEFAULT_PREPROCESS
-    note = "random weights of TEACHER_ARCH (throughput does not depend on the weights)"
+    note = "random weights of TEACHER_ARCH (no trained teacher found; the cost per slice is the same)"
     return build_model(TEACHER_ARCH).eval(), (spec.channels, spec.out_height, spec.out_width), note
 
 
@@ -426,8 +434,8 @@ def write_markdown(report: dict, path: Path) -> None:
         "## Rerun",
         "",
         "    PYTHONPATH=. python bench/e2e_bench.py                                  # committed model",
-        "    PYTHONPATH=. python bench/e2e_bench.py --model edge/models/student.int8.cpu.onnx "
-        "--teacher-checkpoint runs/teacher/best.pt",
+        "    PYTHONPATH=. python bench/e2e_bench.py --model runs/int8final/student.int8.cpu.onnx "
+        "--name e2e_cpu_int8   # INT8 (CPU placement, from tools/build_engine.py --int8)",
         "",
     ]
     path.write_text("\n".join(lines))
@@ -467,7 +475,8 @@ def build_report(results: dict, *, command: str, machine: dict, threads: int, mo
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="our ONNX model (default: committed student/teacher, else a preliminary stand-in)")
-    p.add_argument("--teacher-checkpoint", help="naive side's weights (default: random TEACHER_ARCH)")
+    p.add_argument("--teacher-checkpoint",
+                   help="naive side's weights (default: models/teacher/teacher.pt, else random TEACHER_ARCH)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch, ONNX Runtime and OpenCV threads (default %(default)s)")
     p.add_argument("--batch", type=int, default=4, help="our inference batch (default %(default)s, the runtime's)")
