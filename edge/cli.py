@@ -28,7 +28,13 @@ def _open_runner(model_path):
 
 
 def cmd_detect(args) -> int:
-    from edge.offline import detect_folder, write_predictions_csv, write_rejections_csv
+    from edge.offline import (
+        detect_folder,
+        write_image_positions_csv,
+        write_predictions_csv,
+        write_rejections_csv,
+        write_slice_predictions_csv,
+    )
 
     model = Path(args.model) if args.model else default_model_path()
     runner, specs = _open_runner(model)
@@ -42,6 +48,10 @@ def cmd_detect(args) -> int:
     finally:
         runner.deactivate()
     write_predictions_csv(args.out, run)
+    if args.slice_predictions:
+        write_slice_predictions_csv(args.slice_predictions, run)
+    if args.image_positions:
+        write_image_positions_csv(args.image_positions, run)
     if run.rejected:
         rej = Path(args.out).with_suffix(".rejected.csv")
         write_rejections_csv(rej, run)
@@ -78,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("dir", help="folder with DICOM series (any layout; non-DICOM files are skipped and reported)")
     d.add_argument("--model", help="ONNX model with embedded specs (default: the committed model)")
     d.add_argument("--out", default="predictions.csv", help="predictions CSV (default: %(default)s)")
+    d.add_argument("--slice-predictions", metavar="CSV",
+                   help="also write every slice's 2-D detections (coordZ = image z), for per-image metrics")
+    d.add_argument("--image-positions", metavar="CSV",
+                   help="also write one row per image (seriesuid, coordZ): the FP-per-image divisor")
     d.set_defaults(func=cmd_detect)
 
     i = sub.add_parser("info", help="print a model's inputs and embedded specs")

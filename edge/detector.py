@@ -40,10 +40,11 @@ class SeriesDetector:
     detection, the demo and the streaming runtime share one inference path.
     """
 
-    def __init__(self, runner: Runner, specs: ModelSpecs, batch_size: int = 4):
+    def __init__(self, runner: Runner, specs: ModelSpecs, batch_size: int = 4, on_slice=None):
         self.runner = runner
         self.specs = specs
         self.batch_size = max(1, int(batch_size))
+        self.on_slice = on_slice  # see StreamingSeriesDetector
         self.timings: Dict[str, List[float]] = defaultdict(list)
 
     def _record(self, stage: str, seconds: float) -> None:
@@ -54,7 +55,8 @@ class SeriesDetector:
         from edge.ingest.streaming import SliceOrderError, StreamingSeriesDetector
 
         frames = order_slices([f for f in frames if not f.is_localizer])
-        stream = StreamingSeriesDetector(self.runner, self.specs, self.batch_size, record=self._record)
+        stream = StreamingSeriesDetector(self.runner, self.specs, self.batch_size, record=self._record,
+                                         on_slice=self.on_slice)
         findings: List[Finding] = []
         for f in frames:
             t0 = time.perf_counter()

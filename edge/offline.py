@@ -4,10 +4,11 @@ import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from edge.backends.base import Runner
 from edge.decode.findings import Finding
+from edge.decode.peaks import SliceDetection
 from edge.detector import SeriesDetector
 from edge.errors import InputError
 from edge.folder import Rejection, group_series, load_series
@@ -23,6 +24,8 @@ class SeriesResult:
     series_uid: str
     n_slices: int
     findings: List[Finding]
+    image_z: List[float] = field(default_factory=list)  # patient z of every image, in slice order
+    slice_detections: List[Tuple[float, SliceDetection]] = field(default_factory=list)  # (image z, 2-D detection)
 
 
 @dataclass
@@ -42,8 +45,18 @@ def detect_folder(
     """Detect nodules in every CT series under ``root``; unusable files and series are reported, not fatal."""
     groups, rejected = group_series(root)
     run = DetectionRun(rejected=rejected)
-    detector = SeriesDetector(runner, specs)
+    image_z: List[float] = []
+    per_slice: List[Tuple[float, SliceDetection]] = []
+
+    def on_slice(geometry, detections):
+        z = float(geometry.position[2])
+        image_z.append(z)
+        per_slice.extend((z, d) for d in detections)
+
+    detector = SeriesDetector(runner, specs, on_slice=on_slice)
     for g in groups:
+        image_z.clear()
+        per_slice.clear()
         frames, bad = load_series(g)
         run.rejected += bad
         if len(frames) < min_slices:
@@ -56,7 +69,7 @@ def detect_folder(
         except InputError as e:
             run.rejected.append(Rejection(e.path, f"series {g.series_uid} skipped: {e.reason}"))
             continue
-        result = SeriesResult(g.series_uid, len(frames), findings)
+        result = SeriesResult(g.series_uid, len(frames), findings, list(image_z), list(per_slice))
         run.series.append(result)
         if on_series:
             on_series(result)
@@ -74,6 +87,30 @@ def write_predictions_csv(path, run: DetectionRun) -> None:
         for s in run.series:
             for fd in s.findings:
                 w.writerow([s.series_uid, f"{fd.x:.3f}", f"{fd.y:.3f}", f"{fd.z:.3f}", f"{fd.probability:.6f}", f"{fd.diameter_mm:.2f}"])
+
+
+def write_slice_predictions_csv(path, run: DetectionRun) -> None:
+    """Per-slice 2-D detections for per-image metrics (``tools/evaluate.py --slice-predictions``).
+
+    coordZ is the z of the image the detection was made on (ImagePositionPatient),
+    probability the detection's own heatmap score (no 3-D aggregation).
+    """
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(PREDICTION_HEADER[:5])
+        for s in run.series:
+            for z, d in s.slice_detections:
+                w.writerow([s.series_uid, f"{d.x:.3f}", f"{d.y:.3f}", f"{z:.3f}", f"{d.score:.6f}"])
+
+
+def write_image_positions_csv(path, run: DetectionRun) -> None:
+    """One row per image: seriesuid, coordZ (``tools/evaluate.py --slices``)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(("seriesuid", "coordZ"))
+        for s in run.series:
+            for z in s.image_z:
+                w.writerow([s.series_uid, f"{z:.3f}"])
 
 
 def write_rejections_csv(path, run: DetectionRun) -> None:

@@ -55,15 +55,18 @@ class StreamingSeriesDetector:
     ``record(stage, seconds)`` receives per-slice timings: ``infer`` (the batch's
     inference time divided by its size), ``postprocess`` (peaks, patient mapping,
     3-D aggregation) and ``slice_latency`` (receipt to inferred, for slices pushed
-    with ``received_at``, a :func:`time.perf_counter` value).
+    with ``received_at``, a :func:`time.perf_counter` value). ``on_slice(geometry,
+    detections)`` receives each inferred slice's 2-D detections (patient mm), in order.
     """
 
     def __init__(self, runner: Runner, specs: ModelSpecs, batch_size: int = 4,
-                 record: Optional[Callable[[str, float], None]] = None):
+                 record: Optional[Callable[[str, float], None]] = None,
+                 on_slice: Optional[Callable[[SliceGeometry, list], None]] = None):
         self.runner = runner
         self.specs = specs
         self.batch_size = max(1, int(batch_size))
         self.record = record
+        self.on_slice = on_slice
         spec = specs.preprocess
         meta = next(iter(runner.input_metadata().values()))
         self.input_name = meta.name
@@ -198,7 +201,10 @@ class StreamingSeriesDetector:
         for i, p in zip(idx, peaks):
             g = self._geometry[i]
             resample = spec.resample_geometry(g.rows, g.columns, g.pixel_spacing)
-            findings += self.aggregator.add_slice(g.slice_location, detections_to_patient(p, resample, g))
+            detections = detections_to_patient(p, resample, g)
+            if self.on_slice is not None:
+                self.on_slice(g, detections)
+            findings += self.aggregator.add_slice(g.slice_location, detections)
         t2 = time.perf_counter()
         self._next_infer += n
         if self.record is not None:

@@ -55,6 +55,29 @@ def test_detect_folder_writes_predictions_and_reports_bad_files(tmp_path, blob_m
     assert "2 series, 19 slices" in capsys.readouterr().out
 
 
+def test_per_slice_outputs_feed_the_per_image_metrics(tmp_path, blob_model):
+    from toolchain.evaluation.io import read_annotations, read_predictions, read_slice_positions
+    from toolchain.evaluation.per_slice import per_slice_metrics
+
+    series = write_series(tmp_path / "in" / "s", n_slices=12)
+    sl, im = tmp_path / "slices.csv", tmp_path / "images.csv"
+    assert main(["detect", str(tmp_path / "in"), "--model", str(blob_model), "--out", str(tmp_path / "p.csv"),
+                 "--slice-predictions", str(sl), "--image-positions", str(im)]) == 0
+    images = list(csv.DictReader(open(im)))
+    z = sorted(float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in series.paths)
+    assert [float(r["coordZ"]) for r in images] == pytest.approx(z, abs=1e-3)  # every image once, in order
+    rows = list(csv.DictReader(open(sl)))
+    assert rows and all(min(abs(float(r["coordZ"]) - v) for v in z) < 1e-3 for r in rows)
+    sphere = series.spheres[0]
+    on_sphere = [r for r in rows if abs(float(r["coordZ"]) - sphere.z) < sphere.radius]
+    assert on_sphere and all(abs(float(r["coordX"]) - sphere.x) < 2.0 for r in on_sphere if float(r["probability"]) > 0.5)
+
+    (tmp_path / "ann.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n"
+                                      f"{series.series_uid},{sphere.x},{sphere.y},{sphere.z},{2 * sphere.radius}\n")
+    m = per_slice_metrics(read_annotations(tmp_path / "ann.csv"), read_predictions(sl), read_slice_positions(im), 0.5)
+    assert m.sensitivity > 0.5 and m.images == len(z)
+
+
 def test_detect_on_a_missing_folder_is_one_line_error(tmp_path, blob_model, capsys):
     assert main(["detect", str(tmp_path / "nope"), "--model", str(blob_model)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
