@@ -95,6 +95,7 @@ def write_slice_predictions_csv(path, run: DetectionRun) -> None:
     coordZ is the z of the image the detection was made on (ImagePositionPatient),
     probability the detection's own heatmap score (no 3-D aggregation).
     """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(PREDICTION_HEADER[:5])
@@ -105,6 +106,7 @@ def write_slice_predictions_csv(path, run: DetectionRun) -> None:
 
 def write_image_positions_csv(path, run: DetectionRun) -> None:
     """One row per image: seriesuid, coordZ (``tools/evaluate.py --slices``)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(("seriesuid", "coordZ"))
