@@ -29,6 +29,7 @@ from calib.ranges import (
     ActivationCollector,
     TensorHistogram,
     compute_ranges,
+    head_tensors,
     save_histograms,
     scale_from_amax,
     write_ranges,
@@ -114,9 +115,12 @@ def quantize_from_histograms(onnx_path, histograms: Dict[str, TensorHistogram], 
     """(amax, TensorRT-layout QdqModel, CPU-layout QdqModel, reports) for one method."""
     import onnx
 
-    amax = compute_ranges(histograms, method, percentile)
     model = onnx.load(str(onnx_path))
+    keep_max = head_tensors(model)
+    amax = compute_ranges(histograms, method, percentile, keep_max)
     info = dict(info, method=method, **({"percentile": percentile} if method == "percentile" else {}))
+    if method != "max" and keep_max:
+        info["max_range_tensors"] = keep_max
     trt_model = quantize_model(model, amax, "tensorrt", info)
     cpu_model = quantize_model(model, amax, "cpu", info)
     reports = {"tensorrt": check_qdq(trt_model.model), "cpu": check_qdq(cpu_model.model)}

@@ -185,12 +185,38 @@ def amax_from_histogram(hist: TensorHistogram, method: str, percentile: float = 
     raise ConfigError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
+def head_tensors(model) -> List[str]:
+    """The output heads' last activations, whose rare large values are the detections themselves.
+
+    For each graph output: the activation input of the last Conv before it (through
+    a final Sigmoid), and the Conv output its Relu reads (they share a scale). Any
+    clipping method caps every nodule centre at about the same value there, so
+    :func:`compute_ranges` keeps their full (``max``) range.
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    names: List[str] = []
+    for out in model.graph.output:
+        node = producer.get(out.name)
+        if node is not None and node.op_type == "Sigmoid":
+            node = producer.get(node.input[0])
+        if node is None or node.op_type != "Conv":
+            continue
+        x = node.input[0]
+        names.append(x)
+        relu = producer.get(x)
+        if relu is not None and relu.op_type == "Relu":
+            names.append(relu.input[0])
+    return list(dict.fromkeys(names))
+
+
 def compute_ranges(histograms: Mapping[str, TensorHistogram], method: str,
-                   percentile: float = DEFAULT_PERCENTILE) -> Dict[str, float]:
-    """``{tensor: amax}`` for every histogram, by ``method``."""
+                   percentile: float = DEFAULT_PERCENTILE, keep_max: Sequence[str] = ()) -> Dict[str, float]:
+    """``{tensor: amax}`` for every histogram, by ``method``; tensors in ``keep_max`` always by ``max``."""
     if method not in METHODS:
         raise ConfigError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
-    return {name: amax_from_histogram(h, method, percentile) for name, h in histograms.items()}
+    keep = set(keep_max)
+    return {name: amax_from_histogram(h, "max" if name in keep else method, percentile)
+            for name, h in histograms.items()}
 
 
 # --------------------------------------------------------------------------- collection

@@ -175,3 +175,39 @@ def test_residual_add_gets_qdq_on_both_inputs(tmp_path):
     ref = sess(model).run(None, {"x": x})[0]
     got = sess(q).run(None, {"x": x})[0]
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_head_tensors_are_the_inputs_of_each_heads_last_conv(tiny):
+    from calib.ranges import head_tensors
+
+    _, model, *_ = tiny
+    names = head_tensors(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    # two per head (the Relu output and the Conv output it reads), three heads
+    assert len(names) == 6
+    relu_outs = [n for n in names if producer[n].op_type == "Relu"]
+    assert len(relu_outs) == 3
+    for r in relu_outs:
+        (last_conv,) = consumers[r]
+        assert last_conv.op_type == "Conv"
+        after = last_conv.output[0]
+        outputs = {o.name for o in model.graph.output}
+        assert after in outputs or any(c.op_type == "Sigmoid" and c.output[0] in outputs
+                                       for c in consumers.get(after, []))
+        assert producer[r].input[0] in names
+
+
+def test_clipping_methods_keep_the_full_range_of_head_tensors():
+    from calib.ranges import TensorHistogram
+
+    tail = np.zeros(2048, np.int64)
+    tail[:100] = 1000
+    tail[-1] = 1  # a long tail: the rare large values are the detections
+    hist = {"head": TensorHistogram("head", tail, absmax=8.0, size=int(tail.sum())),
+            "body": TensorHistogram("body", tail, absmax=8.0, size=int(tail.sum()))}
+    r = compute_ranges(hist, "percentile", keep_max=["head"])
+    assert r["head"] == 8.0 and r["body"] < 8.0
