@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     for pt in points:
         print(f"{str(pt.max_elongation):>14} {str(pt.min_z_span):>10}  {pt.mean_cpm:8.4f}  "
               + " ".join(f"{c:.4f}" for c in pt.cpm))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(tuned.to_json() + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps({
