@@ -6,8 +6,8 @@ so the runtime decodes exactly as the model was validated.
 
 import json
 import math
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from edge.errors import ConfigError, InputError

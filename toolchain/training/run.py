@@ -44,8 +44,8 @@ def load_initial_weights(model: torch.nn.Module, path) -> None:
         raise InputError(path, "initial checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    except (KeyError, TypeError, RuntimeError, EOFError) as e:
-        raise InputError(path, f"not a training checkpoint ({e})") from None
+    except Exception as e:  # torch.load raises many unrelated types (pickle, zip, EOF, runtime) for bad files
+        raise InputError(path, f"not a training checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as e:

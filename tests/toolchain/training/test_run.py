@@ -23,3 +23,9 @@ def test_initial_weights_from_another_architecture_name_the_file(tmp_path):
         load_initial_weights(CenterNetUNet(3, [16, 16], 8), tmp_path / "a.pt")
     with pytest.raises(InputError, match="not found"):
         load_initial_weights(CenterNetUNet(3, [8, 16], 8), tmp_path / "missing.pt")
+
+
+def test_initial_weights_from_a_file_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(InputError, match="junk.pt.*not a training checkpoint"):
+        load_initial_weights(CenterNetUNet(3, [8, 16], 8), tmp_path / "junk.pt")
