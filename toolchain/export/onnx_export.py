@@ -89,7 +89,11 @@ def _specs_from_checkpoint(ckpt: dict, path: Path) -> ModelSpecs:
 def load_checkpoint(path) -> Tuple[CenterNetUNet, ModelSpecs]:
     """The model (eval mode, CPU) and its specs from a training checkpoint; InputError naming the file if unusable."""
     path = Path(path)
-    ckpt = _read_checkpoint(path)
+    return model_from_checkpoint(_read_checkpoint(path), path)
+
+
+def model_from_checkpoint(ckpt: dict, path: Path) -> Tuple[CenterNetUNet, ModelSpecs]:
+    """:func:`load_checkpoint` for a checkpoint already read (by ``_read_checkpoint``) from ``path``."""
     specs = _specs_from_checkpoint(ckpt, path)
     try:
         model = build_model(ckpt["arch"])

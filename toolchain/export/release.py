@@ -11,7 +11,7 @@ import torch
 
 from edge.decode.spec import DecodeSpec
 from edge.errors import InputError
-from toolchain.export.onnx_export import _read_checkpoint, load_checkpoint
+from toolchain.export.onnx_export import _read_checkpoint, model_from_checkpoint
 
 KEPT_KEYS = ("arch", "preprocess", "decode", "card", "step", "best_val", "train_config")
 
@@ -19,8 +19,8 @@ KEPT_KEYS = ("arch", "preprocess", "decode", "card", "step", "best_val", "train_
 def release_checkpoint(src, dst, decode: Optional[DecodeSpec] = None) -> Path:
     """Write ``src``'s model and specs to ``dst`` with float16 weights; ``decode`` replaces its decode spec."""
     src, dst = Path(src), Path(dst)
-    load_checkpoint(src)  # the whole model must load before a release copy is made
     ckpt = _read_checkpoint(src)
+    model_from_checkpoint(ckpt, src)  # the whole model must load before a release copy is made
     out = {k: ckpt[k] for k in KEPT_KEYS if k in ckpt}
     if decode is not None:
         out["decode"] = decode.to_dict()
