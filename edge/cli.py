@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge.errors import EdgeError
+from edge.errors import EdgeError, report_user_error
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 
@@ -143,8 +143,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except EdgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_user_error(e)
 
 
 if __name__ == "__main__":

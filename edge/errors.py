@@ -5,9 +5,17 @@ option, a missing optional dependency). The CLI prints it as one line and exits
 1. Any other exception is a bug in this project and keeps its traceback.
 """
 
+import sys
+
 
 class EdgeError(Exception):
     """A user-facing error: printed as one clear line, never with a traceback."""
+
+
+def report_user_error(error: "EdgeError") -> int:
+    """Print ``error`` the way every CLI here does (one line on stderr); returns their exit status, 1."""
+    print(f"error: {error}", file=sys.stderr)
+    return 1
 
 
 class InputError(EdgeError):

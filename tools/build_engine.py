@@ -26,7 +26,7 @@ from calib.data_loader import default_model  # noqa: E402
 from calib.phantom_pool import DEFAULT_POOL_DIR, ensure_phantom_pool  # noqa: E402
 from calib.pipeline import CalibrationSettings, calibrate  # noqa: E402
 from calib.ranges import DEFAULT_METHOD, DEFAULT_PERCENTILE, METHODS  # noqa: E402
-from edge.errors import ConfigError, EdgeError, InputError  # noqa: E402
+from edge.errors import ConfigError, EdgeError, InputError, report_user_error  # noqa: E402
 from engines.builder import (  # noqa: E402
     QUANTIZATION_KEY,
     BuildRequest,
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except EdgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_user_error(exc)
         return EXIT_ERROR
 
 

@@ -35,7 +35,7 @@ from calib.accuracy import (  # noqa: E402
 from calib.data_loader import DEFAULT_MANIFEST, CalibrationDataLoader, default_model  # noqa: E402
 from calib.ranges import METHODS  # noqa: E402
 from calib.sweep import cpm_sweep, format_table  # noqa: E402
-from edge.errors import ConfigError, EdgeError, InputError  # noqa: E402
+from edge.errors import ConfigError, EdgeError, InputError, report_user_error  # noqa: E402
 
 DEFAULT_OUT = REPO / "engines" / "built"
 
@@ -153,8 +153,7 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except EdgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return report_user_error(exc)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.errors import ConfigError, EdgeError  # noqa: E402
+from edge.errors import ConfigError, EdgeError, report_user_error  # noqa: E402
 
 DEFAULT_JSON = "bench/results/compression.json"
 
@@ -59,8 +59,7 @@ def main(argv=None) -> int:
     try:
         print(run(args))
     except EdgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_user_error(e)
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.errors import EdgeError  # noqa: E402
+from edge.errors import EdgeError, report_user_error  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,8 +81,7 @@ def main(argv=None) -> int:
     try:
         path = run(args)
     except EdgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_user_error(e)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(f"student checkpoint: {path}")
     return 0

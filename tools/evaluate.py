@@ -4,7 +4,7 @@
 import argparse
 import sys
 
-from edge.errors import ConfigError, EdgeError
+from edge.errors import ConfigError, EdgeError, report_user_error
 from toolchain.evaluation import io, report
 from toolchain.evaluation.bootstrap import bootstrap_froc
 from toolchain.evaluation.froc import (
@@ -85,8 +85,7 @@ def main(argv=None) -> int:
     try:
         print(run(args))
     except EdgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return report_user_error(exc)
     return 0
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from edge.decode.spec import read_decode_spec
-from edge.errors import ConfigError, EdgeError, InputError
+from edge.errors import ConfigError, EdgeError, InputError, report_user_error
 from toolchain.export.onnx_export import DEFAULT_OPSET, export_onnx, load_checkpoint, summarize_graph
 from toolchain.export.parity import (
     DEFAULT_PARITY_INPUTS,
@@ -78,8 +78,7 @@ def main(argv=None) -> int:
     try:
         print(run(args))
     except EdgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return report_user_error(exc)
     return 0
 
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from edge.errors import EdgeError
+from edge.errors import EdgeError, report_user_error
 from edge.phantom import make_dataset
 
 
@@ -39,8 +39,7 @@ def main(argv=None) -> int:
         make_dataset(args.out, args.train, args.val, args.test, args.seed, size=args.size, n_slices=args.slices,
                      localizer=not args.no_localizer, progress=report)
     except EdgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return report_user_error(exc)
     return 0
 
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 import time
 
-from edge.errors import EdgeError
+from edge.errors import EdgeError, report_user_error
 from edge.phantom import PROFILES, make_phantom_set
 
 
@@ -42,8 +42,7 @@ def main(argv=None) -> int:
         make_phantom_set(args.out, args.series, args.seed, profiles, size=args.size, n_slices=args.slices,
                          localizer=not args.no_localizer, progress=report)
     except EdgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return report_user_error(exc)
     return 0
 
 

@@ -14,7 +14,7 @@ See docs/updates.md for the bundle format, keys and the device side.
 import argparse
 import sys
 
-from edge.errors import ConfigError, EdgeError
+from edge.errors import ConfigError, EdgeError, report_user_error
 
 
 
@@ -129,8 +129,7 @@ def main(argv=None) -> int:
     try:
         print(action(args))
     except EdgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return report_user_error(exc)
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.errors import EdgeError  # noqa: E402
+from edge.errors import EdgeError, report_user_error  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +61,7 @@ def main(argv=None) -> int:
     try:
         path = run(args)
     except EdgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_user_error(e)
     print(f"pruned checkpoint: {path}")
     return 0
 

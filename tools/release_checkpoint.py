@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.errors import EdgeError  # noqa: E402
+from edge.errors import EdgeError, report_user_error  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,8 +27,7 @@ def main(argv=None) -> int:
         decode = read_decode_spec(args.decode) if args.decode else None
         out = release_checkpoint(args.checkpoint, args.out, decode)
     except EdgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_user_error(e)
     print(f"release checkpoint: {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 

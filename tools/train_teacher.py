@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.errors import EdgeError  # noqa: E402
+from edge.errors import EdgeError, report_user_error  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -34,8 +34,7 @@ def main(argv=None) -> int:
                               seed=args.seed, threads=args.threads, resume=args.resume,
                               progress=not args.no_progress, init=args.init)
     except EdgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_user_error(e)
     print(f"best checkpoint: {ckpt}")
     return 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edge.errors import ConfigError, EdgeError  # noqa: E402
+from edge.errors import ConfigError, EdgeError, report_user_error  # noqa: E402
 
 DEFAULT_MAX_ELONGATION = "none,3,2,1.5,1.25,1,0.9,0.8"
 DEFAULT_MIN_Z_SPAN = "none,0.5,0.6,0.7,0.8,0.9"
@@ -70,8 +70,7 @@ def main(argv=None) -> int:
         best = points[0]
         tuned = dataclasses.replace(specs.decode, max_elongation=best.max_elongation, min_z_span=best.min_z_span)
     except EdgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_user_error(e)
     names = " ".join(str(f.path) for f in folders)
     print(f"max_elongation min_z_span  mean CPM  CPM per folder ({names})")
     for pt in points:

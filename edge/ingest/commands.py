@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from edge.errors import EdgeError
+from edge.errors import EdgeError, report_user_error
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except EdgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_user_error(e)
 
 
 if __name__ == "__main__":
