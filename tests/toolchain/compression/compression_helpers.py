@@ -53,3 +53,20 @@ def tiny_train_config(steps: int, **kw) -> TrainConfig:
     kw = dict(dict(steps=steps, batch_size=2, lr=2e-3, warmup_steps=1, checkpoint_every=2, val_every=2,
                    val_batches=1), **kw)
     return TrainConfig(**kw)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptingSampler:
+    """Fails after ``calls`` crops, as a killed run would stop mid-training."""
+
+    def __init__(self, sampler, calls):
+        self.sampler, self.calls = sampler, calls
+
+    def sample(self, rng):
+        if self.calls == 0:
+            raise Interrupted("stopped after the given number of crops")
+        self.calls -= 1
+        return self.sampler.sample(rng)

@@ -11,26 +11,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compression_helpers import make_sampler, tiny_specs, tiny_teacher, tiny_train_config
+from compression_helpers import (
+    Interrupted,
+    InterruptingSampler,
+    make_sampler,
+    tiny_specs,
+    tiny_teacher,
+    tiny_train_config,
+)
 from toolchain.compression.ddp import RankSampler, barrier, check_parameters_equal, init_distributed, shutdown
 from toolchain.compression.distill import DistillConfig
 from toolchain.compression.pruning import prune_by_ratio
 from toolchain.compression.student import train_student
-
-
-class Interrupted(Exception):
-    pass
-
-
-class InterruptingSampler:
-    def __init__(self, sampler, calls):
-        self.sampler, self.calls = sampler, calls
-
-    def sample(self, rng):
-        if self.calls == 0:
-            raise Interrupted("stopped after the given number of crops")
-        self.calls -= 1
-        return self.sampler.sample(rng)
 
 
 def train(ctx, out, steps, crops=-1, resume=False):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from compression_helpers import SIZE, tiny_specs, tiny_teacher, tiny_train_config
+from compression_helpers import SIZE, Interrupted, InterruptingSampler, tiny_specs, tiny_teacher, tiny_train_config
 from edge.errors import ConfigError, InputError
 from toolchain.compression.distill import (
     DistillConfig,
@@ -99,23 +99,6 @@ def test_scratch_student_has_the_architecture_but_fresh_weights():
     fresh = reinitialized(student, seed=3)
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in student.state_dict().items()}
     assert not torch.equal(fresh.stem[0].weight, student.stem[0].weight)
-
-
-class Interrupted(Exception):
-    pass
-
-
-class InterruptingSampler:
-    """Fails after ``calls`` crops, as a killed run would stop mid-training."""
-
-    def __init__(self, sampler, calls):
-        self.sampler, self.calls = sampler, calls
-
-    def sample(self, rng):
-        if self.calls == 0:
-            raise Interrupted
-        self.calls -= 1
-        return self.sampler.sample(rng)
 
 
 def test_training_resumes_at_the_right_step_with_identical_results(tmp_path, sampler, val_sampler):
