@@ -27,7 +27,6 @@ import argparse
 import datetime
 import glob
 import importlib
-import json
 import os
 import platform
 import shutil
@@ -45,6 +44,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.machine import finish_check  # noqa: E402
 
 PYCUDA_RUNTIME_NEEDS = ("pytools", "platformdirs", "mako", "siphash24")
 
@@ -523,14 +524,7 @@ def main(argv=None) -> int:
             report["errors"].append(traceback.format_exc())
         ctx.release()
     report["bootstrap_log"] = "\n".join(log)
-    report["passed"] = bool(status == 0 and report["checks"] and all(c["passed"] for c in report["checks"])
-                            and not report["errors"])
-    if status == 0 and not report["passed"]:
-        status = 1
-    (out_dir / "gpu_pipeline_check.json").write_text(json.dumps(report, indent=2))
-    write_markdown(report, out_dir / "gpu_pipeline_check.md")
-    print((out_dir / "gpu_pipeline_check.md").read_text())
-    return status
+    return finish_check(report, status, out_dir, "gpu_pipeline_check", write_markdown)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.machine import finish_check
 from edge.frame import CTFrame
 from edge.geometry import SliceGeometry
 from edge.preprocess import cuda_kernel
@@ -413,15 +414,7 @@ def main(argv=None) -> int:
             report["timing"] = run_timing(backend, args.quick)
         except Exception:
             report["errors"].append(traceback.format_exc())
-    report["passed"] = bool(status == 0 and report["checks"] and all(c["passed"] for c in report["checks"])
-                            and not report["errors"])
-    if status == 0 and not report["passed"]:
-        status = 1
-
-    (out_dir / "gpu_preprocess_check.json").write_text(json.dumps(report, indent=2))
-    write_markdown(report, out_dir / "gpu_preprocess_check.md")
-    print((out_dir / "gpu_preprocess_check.md").read_text())
-    return status
+    return finish_check(report, status, out_dir, "gpu_preprocess_check", write_markdown)
 
 
 if __name__ == "__main__":
