@@ -14,16 +14,19 @@ and nothing on graph outputs (the heads' heatmap, size and offset stay FP32).
 Tensors joined by Concat, MaxPool or nearest Resize share one scale (the largest
 of their ranges), so TensorRT runs those layers in INT8 without requantizing.
 
-Layout ``"cpu"``, for ONNX Runtime on the CPU: the same scales, two changes.
+Layout ``"cpu"``, for ONNX Runtime on the CPU: the same scales, four changes.
 (1) Tensors that cannot be negative (Relu outputs, and MaxPool, nearest Resize,
 Concat and Add of such tensors) are quantized as uint8 with zero point 0: the
-u8 x s8 integer kernels are ONNX Runtime's fast path on x86. (2) A Relu after a
+u8 x s8 integer kernels are ONNX Runtime's fast path on x86. (2) Weights are stored
+quantized (int8 initializers, a file a quarter of the size). (3) A Relu after a
 Conv whose output is quantized again everywhere with one scale is replaced by a
 uint8 Q/DQ pair on the Conv's output: the pair's clamp at 0 is the Relu, and
 ONNX Runtime fuses DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv
 only when the Q follows the Conv directly, so the whole network runs as integer
 kernels with no float Relu and no requantization in between (about 11% less
-time than int8 pairs around a float Relu, ``bench/results/int8_cpu.md``). With
+time than int8 pairs around a float Relu). (4) Sibling detection heads are
+fused into one convolution, equalized so that each head keeps its own
+resolution (:mod:`calib.head_fusion`; about 10% less time). With
 scale ``amax / 127`` a uint8 value equals the int8 one wherever the tensor stays
 within its calibrated range, so both layouts compute the same numbers there
 (tested); above it the CPU layout saturates at twice the range instead of at it.
@@ -50,6 +53,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from calib.head_fusion import fuse_parallel_heads
 from calib.ranges import INT8_MAX, ZERO_RANGE_AMAX, scale_from_amax
 from edge.errors import ConfigError
 
@@ -70,6 +74,7 @@ class QdqModel:
     preactivation: List[str] = field(default_factory=list)  # Conv outputs whose uint8 pair replaced the Relu (cpu)
     zero_range: List[str] = field(default_factory=list)  # tensors whose calibrated range was 0
     float_nodes: List[str] = field(default_factory=list)  # weighted nodes left in FP32, with the reason
+    fused_heads: List[str] = field(default_factory=list)  # head convolutions fused into one (cpu layout)
 
 
 class _Groups:
@@ -162,6 +167,10 @@ def quantize_model(model, amax: Mapping[str, float], layout: str = "tensorrt",
     """
     if layout not in LAYOUTS:
         raise ConfigError(f"Q/DQ layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    fused_heads: List[str] = []
+    if layout == "cpu" and gs.import_onnx(model).opset >= MIN_OPSET:
+        fusion = fuse_parallel_heads(model, amax)
+        model, amax, fused_heads = fusion.model, fusion.amax, fusion.fused
     graph = gs.import_onnx(model)
     if graph.opset < MIN_OPSET:
         raise ConfigError(f"the model's opset is {graph.opset}; per-channel Q/DQ needs opset >= {MIN_OPSET}: "
@@ -208,6 +217,19 @@ def quantize_model(model, amax: Mapping[str, float], layout: str = "tensorrt",
         graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{base}_DequantizeLinear"), dict(attrs),
                                    [q_out, scale_c, zero_c], [dq_out]))
         return dq_out
+
+    def dequantized_constant(weight, scale: np.ndarray, axis: int) -> "gs.Variable":
+        """DQ of ``weight`` quantized here (int8 initializer): what ONNX Runtime folds a Q of a constant into."""
+        shape = [1] * weight.values.ndim
+        shape[axis] = -1
+        values = np.asarray(weight.values, np.float32) / scale.reshape(shape)
+        q = gs.Constant(fresh(f"{weight.name}_quantized"), np.clip(np.rint(values), -INT8_MAX, INT8_MAX).astype(np.int8))
+        scale_c = gs.Constant(fresh(f"{weight.name}_scale"), scale)
+        zero_c = gs.Constant(fresh(f"{weight.name}_zero_point"), np.zeros(scale.shape, np.int8))
+        out = gs.Variable(fresh(f"{weight.name}_dequantized"), np.float32, weight.shape)
+        graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{weight.name}_DequantizeLinear"), {"axis": axis},
+                                   [q, scale_c, zero_c], [out]))
+        return out
 
     graph_outputs = {t.name for t in graph.outputs}
 
@@ -260,7 +282,8 @@ def quantize_model(model, amax: Mapping[str, float], layout: str = "tensorrt",
         values = np.asarray(w.values, np.float64)
         per_channel = np.abs(np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)).max(axis=1)
         per_channel = np.where(per_channel > 0, per_channel, ZERO_RANGE_AMAX)
-        node.inputs[1] = qdq_pair(w, (per_channel / INT8_MAX).astype(np.float32), axis)
+        scale = (per_channel / INT8_MAX).astype(np.float32)
+        node.inputs[1] = qdq_pair(w, scale, axis) if layout == "tensorrt" else dequantized_constant(w, scale, axis)
         weights.append(w.name)
 
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -273,7 +296,7 @@ def quantize_model(model, amax: Mapping[str, float], layout: str = "tensorrt",
     meta = dict(info or {}, layout=layout, activation_tensors=len(scales), weight_tensors=len(set(weights)))
     out.metadata_props.add(key=QUANTIZATION_KEY, value=json.dumps(meta, sort_keys=True))
     onnx.checker.check_model(out)
-    return QdqModel(out, layout, scales, sorted(set(weights)), preactivation, zero_range, float_nodes)
+    return QdqModel(out, layout, scales, sorted(set(weights)), preactivation, zero_range, float_nodes, fused_heads)
 
 
 def write_model(path, model) -> None:

@@ -4,9 +4,11 @@ errors (:class:`edge.errors.EdgeError`) print one line and exit 1."""
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from edge.errors import EdgeError, report_user_error
 
@@ -21,10 +23,15 @@ def default_model_path() -> Path:
     raise EdgeError(f"no model given and none committed in {MODELS_DIR}; pass --model MODEL.onnx")
 
 
-def _open_runner(model_path):
+def _open_runner(model_path, intra_op_threads: int = 0):
     from edge.backends.onnxruntime_runner import open_onnxruntime_runner
 
-    return open_onnxruntime_runner(model_path)
+    return open_onnxruntime_runner(model_path, intra_op_threads=intra_op_threads)
+
+
+def threads_per_worker(workers: int, cores: Optional[int] = None) -> int:
+    """ONNX Runtime intra-op threads for each of ``workers`` concurrent series: the cores shared out, >= 1."""
+    return max(1, (cores or os.cpu_count() or 1) // workers)
 
 
 def cmd_detect(args) -> int:
@@ -37,14 +44,15 @@ def cmd_detect(args) -> int:
     )
 
     model = Path(args.model) if args.model else default_model_path()
-    runner, specs = _open_runner(model)
+    threads = args.threads if args.threads is not None else threads_per_worker(args.workers)
+    runner, specs = _open_runner(model, threads)
     t0 = time.perf_counter()
 
     def report(result):
         print(f"series {result.series_uid}: {result.n_slices} slices, {len(result.findings)} finding(s)", flush=True)
 
     try:
-        run = detect_folder(args.dir, runner, specs, on_series=report)
+        run = detect_folder(args.dir, runner, specs, on_series=report, workers=args.workers)
     finally:
         runner.deactivate()
     write_predictions_csv(args.out, run)
@@ -79,6 +87,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge", description="CT lung-nodule detection runtime")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -92,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write every slice's 2-D detections (coordZ = image z), for per-image metrics")
     d.add_argument("--image-positions", metavar="CSV",
                    help="also write one row per image (seriesuid, coordZ): the FP-per-image divisor")
+    d.add_argument("--workers", type=_positive_int, default=1,
+                   help="series decoded and detected at once, sharing one model (default: %(default)s)")
+    d.add_argument("--threads", type=_positive_int,
+                   help="ONNX Runtime intra-op threads per inference (default: the CPU cores / --workers)")
     d.set_defaults(func=cmd_detect)
 
     i = sub.add_parser("info", help="print a model's inputs and embedded specs")

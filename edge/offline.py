@@ -2,16 +2,18 @@
 
 import csv
 import logging
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from edge.backends.base import Runner
 from edge.decode.findings import Finding
 from edge.decode.peaks import SliceDetection
 from edge.detector import SeriesDetector
 from edge.errors import InputError
-from edge.folder import Rejection, group_series, load_series
+from edge.folder import Rejection, SeriesFiles, group_series, load_series
 from edge.model_file import ModelSpecs
 
 log = logging.getLogger(__name__)
@@ -41,40 +43,82 @@ def detect_folder(
     specs: ModelSpecs,
     min_slices: int = 3,
     on_series: Optional[Callable[[SeriesResult], None]] = None,
+    workers: int = 1,
 ) -> DetectionRun:
-    """Detect nodules in every CT series under ``root``; unusable files and series are reported, not fatal."""
+    """Detect nodules in every CT series under ``root``; unusable files and series are reported, not fatal.
+
+    ``workers`` series are decoded and detected at once, in threads sharing ``runner`` (ONNX Runtime
+    runs release the GIL; give the runner ``cores / workers`` intra-op threads). Results, rejections
+    and ``on_series`` calls come in the folder's series order whatever the number of workers, and
+    memory holds at most ``workers`` decoded series.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     groups, rejected = group_series(root)
     run = DetectionRun(rejected=rejected)
-    image_z: List[float] = []
-    per_slice: List[Tuple[float, SliceDetection]] = []
+    timings: Dict[str, List[float]] = defaultdict(list)
 
-    def on_slice(geometry, detections):
-        z = float(geometry.position[2])
-        image_z.append(z)
-        per_slice.extend((z, d) for d in detections)
+    def detect_one(group: SeriesFiles) -> _SeriesOutcome:
+        image_z: List[float] = []
+        per_slice: List[Tuple[float, SliceDetection]] = []
 
-    detector = SeriesDetector(runner, specs, on_slice=on_slice)
-    for g in groups:
-        image_z.clear()
-        per_slice.clear()
-        frames, bad = load_series(g)
-        run.rejected += bad
+        def on_slice(geometry, detections):
+            z = float(geometry.position[2])
+            image_z.append(z)
+            per_slice.extend((z, d) for d in detections)
+
+        frames, bad = load_series(group)
         if len(frames) < min_slices:
             already = {b.path for b in bad}
             reason = f"series has {len(frames)} usable slice(s), at least {min_slices} needed"
-            run.rejected += [Rejection(p, reason) for p in g.paths if p not in already]
-            continue
+            return _SeriesOutcome(None, bad + [Rejection(p, reason) for p in group.paths if p not in already], {})
+        detector = SeriesDetector(runner, specs, on_slice=on_slice)
         try:
             findings = detector.detect(frames)
         except InputError as e:
-            run.rejected.append(Rejection(e.path, f"series {g.series_uid} skipped: {e.reason}"))
-            continue
-        result = SeriesResult(g.series_uid, len(frames), findings, list(image_z), list(per_slice))
-        run.series.append(result)
-        if on_series:
-            on_series(result)
-    run.timings = {k: sum(v) / len(v) for k, v in detector.timings.items() if v}
+            return _SeriesOutcome(None, bad + [Rejection(e.path, f"series {group.series_uid} skipped: {e.reason}")],
+                                  detector.timings)
+        return _SeriesOutcome(SeriesResult(group.series_uid, len(frames), findings, image_z, per_slice), bad,
+                              detector.timings)
+
+    if workers == 1:
+        outcomes = map(detect_one, groups)
+        pool = None
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="detect")
+        outcomes = _bounded_map(pool, detect_one, groups, workers)
+    try:
+        for outcome in outcomes:
+            run.rejected += outcome.rejected
+            for stage, values in outcome.timings.items():
+                timings[stage] += values
+            if outcome.result is not None:
+                run.series.append(outcome.result)
+                if on_series:
+                    on_series(outcome.result)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    run.timings = {k: sum(v) / len(v) for k, v in timings.items() if v}
     return run
+
+
+@dataclass
+class _SeriesOutcome:
+    result: Optional[SeriesResult]
+    rejected: List[Rejection]
+    timings: Dict[str, List[float]]
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn, items, in_flight: int) -> Iterator:
+    """``pool.map`` that submits at most ``in_flight`` items ahead of the one being consumed (bounded memory)."""
+    pending: Deque[Future] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def write_predictions_csv(path, run: DetectionRun) -> None:

@@ -101,8 +101,10 @@ def test_cpu_layout_runs_as_integer_kernels_with_unsigned_activations(tiny):
     m = cpu.model
     consts = constants(m)
     producers = {o: n for n in m.graph.node for o in n.output}
-    relus_before = sum(n.op_type == "Relu" for n in model.graph.node)
-    assert sum(n.op_type == "Relu" for n in m.graph.node) == relus_before - len(cpu.preactivation)
+    # the three sibling heads became one convolution; every Relu became a uint8 pair
+    assert len(cpu.fused_heads) == 3 and not any(n.op_type == "Relu" for n in m.graph.node)
+    convs_3x3 = sum(n.op_type == "Conv" for n in model.graph.node) - 3
+    assert len(cpu.preactivation) == convs_3x3 - 2
     for node in m.graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] in consts:
             continue
@@ -110,8 +112,10 @@ def test_cpu_layout_runs_as_integer_kernels_with_unsigned_activations(tiny):
         # only the graph input (a normalised image, negative below the window) keeps a signed type
         expected = np.int8 if node.input[0] == "input" else np.uint8
         assert zero.dtype == expected and not zero.any(), node.name
+    weights = [consts[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts]
+    assert len(weights) == len(cpu.weight_tensors) and all(w.dtype == np.int8 for w in weights)  # stored quantized
     fused = onnx_ops_after_optimization(m)
-    assert fused["QLinearConv"] == sum(n.op_type == "Conv" for n in model.graph.node) - 3  # all but the 1x1 heads
+    assert fused["QLinearConv"] == convs_3x3 - 2  # every 3x3 convolution, the heads' as one
     assert fused["Relu"] == 0 and fused["QuantizeLinear"] == 1  # the input only: no requantization in between
     # within a few int8 steps of the TensorRT layout on inputs beyond the calibrated ranges too
     trt = run(quantize_model(model, amax, "tensorrt").model, inputs)

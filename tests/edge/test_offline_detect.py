@@ -93,3 +93,61 @@ def test_two_slices_at_one_position_are_a_user_error_naming_the_file(tmp_path, b
         with pytest.raises(InputError) as e:
             SeriesDetector(runner, specs).detect(frames)
     assert str(s.paths[2]) in str(e.value)
+
+
+def test_parallel_workers_give_the_same_results_in_the_same_order(tmp_path, blob_model, monkeypatch):
+    from edge import offline
+    from edge.offline import detect_folder
+
+    _messy_folder(tmp_path / "in")
+    write_series(tmp_path / "in" / "c", n_slices=8, spheres=(Sphere(0.0, 0.0, 0.0),), seed=4)
+    write_series(tmp_path / "in" / "d", n_slices=2, seed=5)  # too short: every file rejected
+    in_flight, most = [0], [0]
+    load = offline.load_series
+
+    def counting_load(group):
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        try:
+            return load(group)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(offline, "load_series", counting_load)
+    runs = {}
+    with OnnxRuntimeRunner(blob_model, intra_op_threads=1) as runner:
+        specs = ModelSpecs.from_metadata(runner.custom_metadata())
+        for workers in (1, 2, 3):
+            seen = []
+            runs[workers] = detect_folder(tmp_path / "in", runner, specs, workers=workers,
+                                          on_series=lambda r: seen.append(r.series_uid))
+            assert seen == [s.series_uid for s in runs[workers].series]
+        with pytest.raises(ValueError, match="workers"):
+            detect_folder(tmp_path / "in", runner, specs, workers=0)
+    assert most[0] >= 2  # series did overlap
+    one = runs[1]
+    assert len(one.series) == 3 and any("at least 3 needed" in r.reason for r in one.rejected)
+    for workers in (2, 3):
+        other = runs[workers]
+        assert [s.series_uid for s in other.series] == [s.series_uid for s in one.series]
+        assert [(r.path, r.reason) for r in other.rejected] == [(r.path, r.reason) for r in one.rejected]
+        for a, b in zip(one.series, other.series):
+            assert a.findings == b.findings and a.image_z == b.image_z
+            assert a.slice_detections == b.slice_detections
+
+
+def test_detect_cli_workers_and_threads(tmp_path, blob_model, capsys):
+    from edge.cli import threads_per_worker
+
+    _messy_folder(tmp_path / "in")
+    serial, parallel = tmp_path / "serial.csv", tmp_path / "parallel.csv"
+    assert main(["detect", str(tmp_path / "in"), "--model", str(blob_model), "--out", str(serial)]) == 0
+    assert main(["detect", str(tmp_path / "in"), "--model", str(blob_model), "--out", str(parallel),
+                 "--workers", "2", "--threads", "1"]) == 0
+    assert serial.read_text() == parallel.read_text()
+    assert threads_per_worker(2, cores=2) == 1 and threads_per_worker(3, cores=2) == 1
+    assert threads_per_worker(1, cores=8) == 8 and threads_per_worker(2, cores=8) == 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["detect", str(tmp_path / "in"), "--workers", "0"])
+    assert "--workers: must be >= 1, got 0" in capsys.readouterr().err
