@@ -7,19 +7,22 @@ The same phantom DICOM series (written to a temporary folder) go through:
   model input, the slice repeated over the input channels, one eager PyTorch forward
   (batch 1, ``torch.no_grad``, fp32) of the teacher architecture, sigmoid and a 0.5
   threshold on the heatmap;
-* ours -- the runtime path: ``edge.dicom`` decode, :class:`~edge.preprocess.cpu.CpuPreprocessor`,
-  :class:`~edge.ingest.streaming.StreamingSeriesDetector` over
-  :class:`~edge.backends.onnxruntime_runner.OnnxRuntimeRunner` (batched), peak decode and
-  3-D findings; one thread, one slice after the other;
+* ours -- what ``edge detect --workers 2`` runs (:func:`edge.offline.detect_folder`): header
+  scan and grouping by series, ``edge.dicom`` decode, :class:`~edge.preprocess.cpu.CpuPreprocessor`,
+  :class:`~edge.ingest.streaming.StreamingSeriesDetector` over one shared
+  :class:`~edge.backends.onnxruntime_runner.OnnxRuntimeRunner` (batched), peak decode and 3-D
+  findings; ``--workers`` series in flight, each worker with ``threads // workers`` ONNX Runtime
+  intra-op threads;
 * service -- the same model in the real streaming service (:class:`~edge.ingest.service.EdgeService`:
   Storage SCP, spool, ledger, pipeline threads, outputs), fed over C-STORE on loopback by
   :func:`~edge.ingest.replay.replay_cstore` in this process, as ``edge demo`` does.
 
-Naive and ours run interleaved series by series (``--rounds`` passes over every series) so
-that load from other processes hits both alike; the service runs afterwards. Torch, ONNX
-Runtime (intra-op) and OpenCV get the same ``--threads``. Target: ours >= 10x naive.
+Naive and ours alternate, one pass over every series each (``--rounds`` times), so that load
+from other processes hits both alike; the service runs afterwards. Each side may use
+``--threads`` cores: torch's intra-op threads for the naive pipeline; for ours, workers x ONNX
+Runtime intra-op threads. Target: ours >= 10x naive.
 
-    PYTHONPATH=. python bench/e2e_bench.py [--model M] [--teacher-checkpoint C] [--threads 2] [--out bench/results]
+    PYTHONPATH=. python bench/e2e_bench.py [--model M] [--teacher-checkpoint C] [--threads 2] [--workers 2]
 
 Model (ours): ``--model``, else edge/models/student.int8.cpu.onnx, student.onnx, teacher.onnx,
 else a *preliminary* stand-in made here: random weights, uniformly slimmed teacher with
@@ -60,7 +63,7 @@ RESULT_NAME = "e2e_cpu"
 TARGET_RATIO = 10.0
 ORIN_TARGET = {"device": "Jetson AGX Orin", "size": 512, "slices_per_s": 200.0, "p99_ms_per_slice": 20.0}
 NAIVE_THRESHOLD = 0.5
-OUR_STAGES = ("decode", "preprocess", "infer", "postprocess")
+OUR_STAGES = ("scan", "decode", "preprocess", "infer", "postprocess")
 
 
 # --- machine and versions
@@ -245,68 +248,63 @@ class NaivePipeline:
         return sum(self.run_slice(p) for p in paths)
 
 
-class RuntimePath:
-    """Our path over one series, one thread: decode -> preprocess -> streaming detector (batched
-    inference, peaks, 3-D findings). Stage times per slice go to ``latency``; ``infer`` and
-    ``postprocess`` are a batch's time divided by its size (as the runtime records them)."""
+class OfflineDetectPath:
+    """Our path: what ``edge detect --workers W`` runs (:func:`edge.offline.detect_folder`) over a folder:
+    header scan and grouping by series, decode, preprocess, batched inference on one model shared by
+    ``workers`` threads (one series each), peaks and 3-D findings. Stage times go to ``latency``:
+    ``scan`` and ``decode`` per file, ``preprocess`` per slice, ``infer`` and ``postprocess`` per slice
+    (a batch's time divided by its size, as the runtime records them)."""
 
-    def __init__(self, runner, specs, batch_size: int, latency: StageLatency):
-        from edge.preprocess.cpu import CpuPreprocessor
-
+    def __init__(self, runner, specs, batch_size: int, workers: int, latency: StageLatency):
         self.runner = runner
         self.specs = specs
         self.batch_size = batch_size
+        self.workers = workers
         self.latency = latency
-        self.preprocessor = CpuPreprocessor(specs.preprocess)
 
-    def run_series(self, paths: Sequence[Path]) -> int:
-        """Number of findings of the series (files in slice order, as the phantom writes them)."""
-        from edge.dicom.reader import read_frames
-        from edge.ingest.streaming import StreamingSeriesDetector
+    def run_folder(self, folder) -> Tuple[int, int]:
+        """(slices, findings) of every series under ``folder``."""
+        from edge.offline import detect_folder
 
-        detector = StreamingSeriesDetector(self.runner, self.specs, self.batch_size, record=self.latency.record)
-        n = 0
-        for path in paths:
-            t0 = time.perf_counter()
-            frames = read_frames(path)
-            self.latency.record("decode", time.perf_counter() - t0)
-            for frame in frames:
-                if frame.is_localizer:
-                    continue
-                t1 = time.perf_counter()
-                planes = self.preprocessor.preprocess_frame(frame, out=detector.new_planes())
-                self.latency.record("preprocess", time.perf_counter() - t1)
-                n += len(detector.push(planes, frame.geometry))
-        return n + len(detector.close())
+        run = detect_folder(folder, self.runner, self.specs, workers=self.workers, record=self.latency.record,
+                            batch_size=self.batch_size)
+        if run.rejected:
+            raise RuntimeError(f"the bench's own phantom files were rejected: {run.rejected[:3]}")
+        return sum(s.n_slices for s in run.series), sum(len(s.findings) for s in run.series)
 
 
-def run_side_by_side(series: Sequence[Sequence[Path]], naive: NaivePipeline, ours: RuntimePath, rounds: int = 1,
-                     warmup_slices: int = 8) -> dict:
-    """Interleave the two pipelines series by series; slices/s of each over the timed passes."""
-    warm = list(series[0][:warmup_slices])
-    naive.run_series(warm[:2])
-    ours.run_series(warm)
+def run_side_by_side(series: Sequence[Sequence[Path]], folder, warm_folder, naive: NaivePipeline,
+                     ours: OfflineDetectPath, rounds: int = 1) -> dict:
+    """Each round: the naive pipeline over every series, then ours over their folder; slices/s of each."""
+    naive.run_series(list(series[0][:2]))
+    ours.run_folder(warm_folder)
     naive.latency, ours.latency = StageLatency(), StageLatency()  # warm-up times are not part of the result
     seconds = {"naive": 0.0, "ours": 0.0}
     cpu = {"naive": 0.0, "ours": 0.0}  # process CPU time (all threads): the work, whatever else ran
-    slices = found = detections = 0
+    slices = {"naive": 0, "ours": 0}
+    found = detections = 0
     for _ in range(rounds):
+        t0, c0 = time.perf_counter(), time.process_time()
         for paths in series:
-            t0, c0 = time.perf_counter(), time.process_time()
             detections += naive.run_series(paths)
-            t1, c1 = time.perf_counter(), time.process_time()
-            found += ours.run_series(paths)
-            t2, c2 = time.perf_counter(), time.process_time()
-            seconds["naive"] += t1 - t0
-            seconds["ours"] += t2 - t1
-            cpu["naive"] += c1 - c0
-            cpu["ours"] += c2 - c1
-            slices += len(paths)
+            slices["naive"] += len(paths)
+        t1, c1 = time.perf_counter(), time.process_time()
+        n, f = ours.run_folder(folder)
+        t2, c2 = time.perf_counter(), time.process_time()
+        slices["ours"] += n
+        found += f
+        seconds["naive"] += t1 - t0
+        seconds["ours"] += t2 - t1
+        cpu["naive"] += c1 - c0
+        cpu["ours"] += c2 - c1
+    if slices["ours"] != slices["naive"]:
+        raise RuntimeError(f"ours detected {slices['ours']} slices, naive {slices['naive']}: not the same work")
     out = {}
     for name, pipeline, extra in (("naive", naive, {"heatmap_cells_over_threshold": detections}),
                                   ("ours", ours, {"findings": found})):
-        out[name] = dict({"slices": slices, "seconds": round(seconds[name], 3),
-                          "slices_per_s": slices / seconds[name], "cpu_ms_per_slice": cpu[name] / slices * 1e3,
+        out[name] = dict({"slices": slices[name], "seconds": round(seconds[name], 3),
+                          "slices_per_s": slices[name] / seconds[name],
+                          "cpu_ms_per_slice": cpu[name] / slices[name] * 1e3,
                           "latency": pipeline.latency.summary()}, **extra)
     out["cpu_ratio"] = out["naive"]["cpu_ms_per_slice"] / out["ours"]["cpu_ms_per_slice"]
     out["ratio"] = out["ours"]["slices_per_s"] / out["naive"]["slices_per_s"]
@@ -380,7 +378,7 @@ def write_markdown(report: dict, path: Path) -> None:
         f"- command: `{report['command']}`",
         f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, niceness {m.get('niceness')}, load average "
         f"at start {m.get('load_average_at_start')}, at end {m.get('load_average_at_end')} (a load above the core "
-        "count means other jobs shared the CPU; naive and ours are interleaved series by series so both see it)",
+        "count means other jobs shared the CPU; naive and ours alternate, a pass over every series each, so both see it)",
         f"- threads: {report['threads']['note']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         f"- data: {report['data']['series']} phantom series x {report['data']['slices_per_series']} slices, "
@@ -396,7 +394,8 @@ def write_markdown(report: dict, path: Path) -> None:
         "|---|---:|---:|---:|---:|---:|",
         f"| naive (pydicom, min-max, torch eager teacher) | {naive['slices']} | {naive['seconds']:.1f} | "
         f"{naive['slices_per_s']:.2f} | 1.0x | {naive['cpu_ms_per_slice']:.1f} |",
-        f"| ours (edge decode, CpuPreprocessor, ORT batched, findings) | {ours['slices']} | {ours['seconds']:.1f} | "
+        f"| ours (edge detect --workers {report['threads']['workers']}: scan, decode, preprocess, ORT batched, "
+        f"findings) | {ours['slices']} | {ours['seconds']:.1f} | "
         f"{ours['slices_per_s']:.2f} | {r['ratio']:.1f}x | {ours['cpu_ms_per_slice']:.1f} |",
     ]
     if service:
@@ -420,8 +419,11 @@ def write_markdown(report: dict, path: Path) -> None:
         lines.append(f"| {stage} | {_ms(nl, stage, 'p50_ms')} | {_ms(nl, stage, 'p99_ms')} |")
     lines += [
         "",
-        "Ours: `infer` and `postprocess` are a batch's time divided by its size (as the runtime records them); "
-        "`postprocess` is peak decoding, patient coordinates and 3-D linking. Service: `decode` is the intake's "
+        "Ours: `scan` is the header read that groups files by series, `decode` the full read, per file; `infer` "
+        "and `postprocess` are a batch's time divided by its size (as the runtime records them), measured inside "
+        "each worker, so with several workers they include waiting for a core; `postprocess` is peak decoding, "
+        "patient coordinates and 3-D linking. Both sides keep both cores busy: the naive one through torch's "
+        "intra-op threads, ours through series in parallel. Service: `decode` is the intake's "
         "decode+check, `receive` the spool write+fsync and ledger, `slice_latency` receipt to inferred, `close` "
         "and `output` per series (outputs written). Naive postprocess is sigmoid and a threshold only.",
         "",
@@ -434,14 +436,15 @@ def write_markdown(report: dict, path: Path) -> None:
         "## Rerun",
         "",
         "    PYTHONPATH=. python bench/e2e_bench.py                                  # committed model",
-        "    PYTHONPATH=. python bench/e2e_bench.py --model runs/int8final/student.int8.cpu.onnx "
-        "--name e2e_cpu_int8   # INT8 (CPU placement, from tools/build_engine.py --int8)",
+        "    PYTHONPATH=. python bench/e2e_bench.py --model edge/models/student.onnx --name e2e_cpu_fp32"
+        "   # FP32 student",
         "",
     ]
     path.write_text("\n".join(lines))
 
 
-def build_report(results: dict, *, command: str, machine: dict, threads: int, model: Tuple[Path, str, bool], specs,
+def build_report(results: dict, *, command: str, machine: dict, threads: Tuple[int, int, int],
+                 model: Tuple[Path, str, bool], specs,
                  input_dtype, naive: Tuple[Tuple[int, int, int], str], batch_size: int, rounds: int,
                  data: Tuple[int, int, int]) -> dict:
     """The JSON report: ``results`` of :func:`run_side_by_side` (+ ``service``) with what was run where."""
@@ -455,8 +458,11 @@ def build_report(results: dict, *, command: str, machine: dict, threads: int, mo
         "command": command,
         "machine": machine,
         "versions": versions(),
-        "threads": {"torch_intra_op": threads, "onnxruntime_intra_op": threads, "opencv": threads,
-                    "note": f"torch intra-op = ONNX Runtime intra-op = OpenCV = {threads}"},
+        "threads": {"torch_intra_op": threads[0], "workers": threads[1], "onnxruntime_intra_op": threads[2],
+                    "opencv": threads[2], "service_onnxruntime_intra_op": threads[0],
+                    "note": f"naive: torch intra-op {threads[0]}; ours: {threads[1]} worker thread(s) x "
+                            f"{threads[2]} ONNX Runtime intra-op thread(s), OpenCV {threads[2]}; service: ONNX "
+                            f"Runtime intra-op {threads[0]}"},
         "preliminary": preliminary,
         "model": {"name": Path(model_path).name, "note": model_note, "dtype": str(dtype),
                   "input": f"{spec.channels}x{spec.out_height}x{spec.out_width} ({spec.slices} slices x "
@@ -478,7 +484,10 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-checkpoint",
                    help="naive side's weights (default: models/teacher/teacher.pt, else random TEACHER_ARCH)")
     p.add_argument("--threads", type=int, default=2,
-                   help="torch, ONNX Runtime and OpenCV threads (default %(default)s)")
+                   help="threads each side may use: torch intra-op (naive); ours: --workers x ONNX Runtime "
+                        "intra-op threads (threads // workers each) (default %(default)s)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="our series in flight at once (edge detect --workers) (default %(default)s)")
     p.add_argument("--batch", type=int, default=4, help="our inference batch (default %(default)s, the runtime's)")
     p.add_argument("--series", type=int, default=2)
     p.add_argument("--slices", type=int, default=60, help="slices per series (default %(default)s)")
@@ -495,22 +504,30 @@ def main(argv=None) -> int:
     from edge.backends.onnxruntime_runner import OnnxRuntimeRunner
     from edge.model_file import ModelSpecs
 
+    from edge.cli import threads_per_worker
+
+    ort_threads = threads_per_worker(args.workers, cores=args.threads)
     torch.set_num_threads(args.threads)
-    cv2.setNumThreads(args.threads)
+    cv2.setNumThreads(ort_threads)  # OpenCV runs only in our preprocessing, inside each worker
     machine = machine_info(args.threads)
     work = Path(tempfile.mkdtemp(prefix="e2e_bench_"))
     try:
         print(f"phantoms: {args.series} x {args.slices} slices {args.size}x{args.size} -> {work}", flush=True)
         series = write_phantom_series(work / "scanner", args.series, args.slices, args.size)
+        warm = work / "warm"
+        warm.mkdir()
+        for path in series[0][:8]:
+            shutil.copy(path, warm / path.name)
         model_path, model_note, preliminary = resolve_model(args.model, work)
         print(f"ours: {model_path.name} ({model_note})", flush=True)
         teacher, chw, teacher_note = naive_teacher(args.teacher_checkpoint)
-        runner = OnnxRuntimeRunner(model_path, intra_op_threads=args.threads).activate()
+        runner = OnnxRuntimeRunner(model_path, intra_op_threads=ort_threads).activate()
         try:
             specs = ModelSpecs.from_metadata(runner.custom_metadata(), source=model_path)
             meta = next(iter(runner.input_metadata().values()))
-            results = run_side_by_side(series, NaivePipeline(teacher, chw, StageLatency()),
-                                       RuntimePath(runner, specs, args.batch, StageLatency()), rounds=args.rounds)
+            results = run_side_by_side(
+                series, work / "scanner", warm, NaivePipeline(teacher, chw, StageLatency()),
+                OfflineDetectPath(runner, specs, args.batch, args.workers, StageLatency()), rounds=args.rounds)
         finally:
             runner.deactivate()
         print(f"naive {results['naive']['slices_per_s']:.2f} slices/s, ours {results['ours']['slices_per_s']:.2f} "
@@ -523,7 +540,7 @@ def main(argv=None) -> int:
     if hasattr(os, "getloadavg"):
         machine["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     report = build_report(results, command=command_line("bench/e2e_bench.py", argv), machine=machine,
-                          threads=args.threads, model=(model_path, model_note, preliminary), specs=specs,
+                          threads=(args.threads, args.workers, ort_threads), model=(model_path, model_note, preliminary), specs=specs,
                           input_dtype=meta.dtype, naive=(chw, teacher_note), batch_size=args.batch,
                           rounds=args.rounds, data=(args.series, args.slices, args.size))
     out_dir = Path(args.out)

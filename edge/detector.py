@@ -7,7 +7,7 @@ by the 2.5D stacks of its neighbours.
 
 import time
 from collections import defaultdict
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -40,15 +40,19 @@ class SeriesDetector:
     detection, the demo and the streaming runtime share one inference path.
     """
 
-    def __init__(self, runner: Runner, specs: ModelSpecs, batch_size: int = 4, on_slice=None):
+    def __init__(self, runner: Runner, specs: ModelSpecs, batch_size: int = 4, on_slice=None,
+                 record: Optional[Callable[[str, float], None]] = None):
         self.runner = runner
         self.specs = specs
         self.batch_size = max(1, int(batch_size))
         self.on_slice = on_slice  # see StreamingSeriesDetector
+        self.record = record  # also given every (stage, seconds) of timings
         self.timings: Dict[str, List[float]] = defaultdict(list)
 
     def _record(self, stage: str, seconds: float) -> None:
         self.timings[stage].append(seconds)
+        if self.record is not None:
+            self.record(stage, seconds)
 
     def detect(self, frames: Sequence[CTFrame]) -> List[Finding]:
         """All findings of a series (localizers are skipped)."""

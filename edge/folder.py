@@ -6,10 +6,11 @@ file: each becomes a :class:`Rejection` naming the file and the reason.
 """
 
 import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from edge.dicom.reader import read_frames, read_header
 from edge.errors import DicomError
@@ -39,19 +40,26 @@ def iter_files(root) -> Iterator[Path]:
                 yield p
 
 
-def group_series(root) -> Tuple[List[SeriesFiles], List[Rejection]]:
-    """Group the CT files under ``root`` by series; everything else is a rejection."""
+def group_series(root, record: Optional[Callable[[str, float], None]] = None
+                 ) -> Tuple[List[SeriesFiles], List[Rejection]]:
+    """Group the CT files under ``root`` by series; everything else is a rejection.
+
+    ``record("scan", seconds)`` receives each file's header read time."""
     root = Path(root)
     if not root.is_dir():
         raise DicomError(root, "not a directory")
     groups: Dict[Tuple[str, str], SeriesFiles] = {}
     rejected: List[Rejection] = []
     for p in iter_files(root):
+        t0 = time.perf_counter()
         try:
             h = read_header(p)
         except DicomError as e:
             rejected.append(Rejection(str(p), e.reason))
             continue
+        finally:
+            if record is not None:
+                record("scan", time.perf_counter() - t0)
         if not h.is_ct:
             rejected.append(Rejection(str(p), f"not a CT image (modality {h.modality or 'missing'}, SOP class {h.sop_class_uid or 'missing'})"))
             continue
@@ -66,17 +74,24 @@ def group_series(root) -> Tuple[List[SeriesFiles], List[Rejection]]:
     return list(groups.values()), rejected
 
 
-def load_series(series: SeriesFiles) -> Tuple[List[CTFrame], List[Rejection]]:
-    """Decode every file of one series; files that fail become rejections."""
+def load_series(series: SeriesFiles, record: Optional[Callable[[str, float], None]] = None
+                ) -> Tuple[List[CTFrame], List[Rejection]]:
+    """Decode every file of one series; files that fail become rejections.
+
+    ``record("decode", seconds)`` receives each file's read and decode time."""
     frames: List[CTFrame] = []
     rejected: List[Rejection] = []
     seen = defaultdict(int)
     for p in series.paths:
+        t0 = time.perf_counter()
         try:
             fs = read_frames(p)
         except DicomError as e:
             rejected.append(Rejection(p, e.reason))
             continue
+        finally:
+            if record is not None:
+                record("decode", time.perf_counter() - t0)
         for f in fs:
             key = (f.sop_uid, f.frame_index)
             seen[key] += 1

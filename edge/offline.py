@@ -44,17 +44,21 @@ def detect_folder(
     min_slices: int = 3,
     on_series: Optional[Callable[[SeriesResult], None]] = None,
     workers: int = 1,
+    record: Optional[Callable[[str, float], None]] = None,
+    batch_size: int = 4,
 ) -> DetectionRun:
     """Detect nodules in every CT series under ``root``; unusable files and series are reported, not fatal.
 
     ``workers`` series are decoded and detected at once, in threads sharing ``runner`` (ONNX Runtime
     runs release the GIL; give the runner ``cores / workers`` intra-op threads). Results, rejections
     and ``on_series`` calls come in the folder's series order whatever the number of workers, and
-    memory holds at most ``workers`` decoded series.
+    memory holds at most ``workers`` decoded series. ``record(stage, seconds)`` (called from the worker
+    threads) receives every timing: ``scan`` and ``decode`` per file, ``preprocess`` per slice, ``infer``
+    and ``postprocess`` per slice (a batch's time divided by its size).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    groups, rejected = group_series(root)
+    groups, rejected = group_series(root, record)
     run = DetectionRun(rejected=rejected)
     timings: Dict[str, List[float]] = defaultdict(list)
 
@@ -67,12 +71,12 @@ def detect_folder(
             image_z.append(z)
             per_slice.extend((z, d) for d in detections)
 
-        frames, bad = load_series(group)
+        frames, bad = load_series(group, record)
         if len(frames) < min_slices:
             already = {b.path for b in bad}
             reason = f"series has {len(frames)} usable slice(s), at least {min_slices} needed"
             return _SeriesOutcome(None, bad + [Rejection(p, reason) for p in group.paths if p not in already], {})
-        detector = SeriesDetector(runner, specs, on_slice=on_slice)
+        detector = SeriesDetector(runner, specs, batch_size, on_slice=on_slice, record=record)
         try:
             findings = detector.detect(frames)
         except InputError as e:

@@ -1,6 +1,7 @@
 """Smoke test of bench/e2e_bench.py and bench/memory_soak.py: their core functions on a tiny input."""
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,18 +52,23 @@ def tiny(tmp_path_factory):
 def test_side_by_side_times_both_pipelines_per_slice(tiny):
     model, onnx_path, series = tiny
     chw = (SPECS.preprocess.channels, SPECS.preprocess.out_height, SPECS.preprocess.out_width)
+    folder = Path(series[0][0]).parents[1]
+    warm = folder.parent / "warm"
+    warm.mkdir(exist_ok=True)
+    for path in series[0][:3]:
+        shutil.copy(path, warm / Path(path).name)
     with OnnxRuntimeRunner(onnx_path, intra_op_threads=1) as runner:
-        results = e2e.run_side_by_side(series, e2e.NaivePipeline(model, chw, StageLatency()),
-                                       e2e.RuntimePath(runner, SPECS, 2, StageLatency()), rounds=1, warmup_slices=3)
+        results = e2e.run_side_by_side(series, folder, warm, e2e.NaivePipeline(model, chw, StageLatency()),
+                                       e2e.OfflineDetectPath(runner, SPECS, 2, 2, StageLatency()), rounds=2)
     for name in ("naive", "ours"):
-        assert results[name]["slices"] == SLICES
+        assert results[name]["slices"] == 2 * SLICES
         assert results[name]["slices_per_s"] > 0
     assert results["ratio"] == pytest.approx(results["ours"]["slices_per_s"] / results["naive"]["slices_per_s"])
     for stage in e2e.OUR_STAGES:  # warm-up samples are not counted
-        assert results["ours"]["latency"][stage]["n"] == SLICES, stage
-    assert results["naive"]["latency"]["total"]["n"] == SLICES
+        assert results["ours"]["latency"][stage]["n"] == 2 * SLICES, stage
+    assert results["naive"]["latency"]["total"]["n"] == 2 * SLICES
 
-    report = e2e.build_report(results, command="test", machine=e2e.machine_info(1), threads=1,
+    report = e2e.build_report(results, command="test", machine=e2e.machine_info(1), threads=(2, 2, 1),
                               model=(onnx_path, "tiny", True), specs=SPECS, input_dtype="float32",
                               naive=(chw, "tiny"), batch_size=2, rounds=1, data=(1, SLICES, 64))
     assert report["meets_target"] == (results["ratio"] >= e2e.TARGET_RATIO)
@@ -70,6 +76,7 @@ def test_side_by_side_times_both_pipelines_per_slice(tiny):
     e2e.write_markdown(report, md)
     text = md.read_text()
     assert "PRELIMINARY" in text and "Jetson AGX Orin" in text and "| preprocess |" in text
+    assert "edge detect --workers 2" in text and "2 worker thread(s) x 1 ONNX Runtime" in text
 
 
 def test_service_row_processes_every_slice_over_cstore(tiny, tmp_path):

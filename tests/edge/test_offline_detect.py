@@ -105,11 +105,11 @@ def test_parallel_workers_give_the_same_results_in_the_same_order(tmp_path, blob
     in_flight, most = [0], [0]
     load = offline.load_series
 
-    def counting_load(group):
+    def counting_load(group, record=None):
         in_flight[0] += 1
         most[0] = max(most[0], in_flight[0])
         try:
-            return load(group)
+            return load(group, record)
         finally:
             in_flight[0] -= 1
 
@@ -122,6 +122,13 @@ def test_parallel_workers_give_the_same_results_in_the_same_order(tmp_path, blob
             runs[workers] = detect_folder(tmp_path / "in", runner, specs, workers=workers,
                                           on_series=lambda r: seen.append(r.series_uid))
             assert seen == [s.series_uid for s in runs[workers].series]
+        stages = {}
+        detect_folder(tmp_path / "in", runner, specs, workers=2,
+                      record=lambda stage, seconds: stages.setdefault(stage, []).append(seconds))
+        n_files = sum(1 for p in (tmp_path / "in").rglob("*") if p.is_file())
+        assert len(stages["scan"]) == n_files and set(stages) == {"scan", "decode", "preprocess", "infer",
+                                                                   "postprocess"}
+        assert len(stages["preprocess"]) == sum(s.n_slices for s in runs[1].series)
         with pytest.raises(ValueError, match="workers"):
             detect_folder(tmp_path / "in", runner, specs, workers=0)
     assert most[0] >= 2  # series did overlap
