@@ -36,6 +36,7 @@ def threads_per_worker(workers: int, cores: Optional[int] = None) -> int:
 
 def cmd_detect(args) -> int:
     from edge.offline import (
+        ProcessPoolDetector,
         detect_folder,
         write_image_positions_csv,
         write_predictions_csv,
@@ -45,14 +46,19 @@ def cmd_detect(args) -> int:
 
     model = Path(args.model) if args.model else default_model_path()
     threads = args.threads if args.threads is not None else threads_per_worker(args.workers)
-    runner, specs = _open_runner(model, threads)
+    runner, specs = _open_runner(model, threads)  # a bad model is one clear error before any worker starts
     t0 = time.perf_counter()
 
     def report(result):
         print(f"series {result.series_uid}: {result.n_slices} slices, {len(result.findings)} finding(s)", flush=True)
 
     try:
-        run = detect_folder(args.dir, runner, specs, on_series=report, workers=args.workers)
+        if args.workers == 1:
+            run = detect_folder(args.dir, runner, specs, on_series=report)
+        else:
+            runner.deactivate()  # each worker process opens its own session
+            with ProcessPoolDetector(model, args.workers, threads) as pool:
+                run = pool.detect(args.dir, on_series=report)
     finally:
         runner.deactivate()
     write_predictions_csv(args.out, run)
@@ -111,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--image-positions", metavar="CSV",
                    help="also write one row per image (seriesuid, coordZ): the FP-per-image divisor")
     d.add_argument("--workers", type=_positive_int, default=1,
-                   help="series decoded and detected at once, sharing one model (default: %(default)s)")
+                   help="worker processes, each decoding and detecting one series at a time with its own "
+                        "ONNX Runtime session (default: %(default)s)")
     d.add_argument("--threads", type=_positive_int,
-                   help="ONNX Runtime intra-op threads per inference (default: the CPU cores / --workers)")
+                   help="ONNX Runtime intra-op threads per worker (default: the CPU cores / --workers)")
     d.set_defaults(func=cmd_detect)
 
     i = sub.add_parser("info", help="print a model's inputs and embedded specs")

@@ -10,9 +10,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
-from edge.dicom.reader import read_frames, read_header
+from edge.dicom.reader import DicomHeader, read_frames, read_header
 from edge.errors import DicomError
 from edge.frame import CTFrame
 
@@ -40,38 +40,58 @@ def iter_files(root) -> Iterator[Path]:
                 yield p
 
 
+def scan_file(path) -> Union[DicomHeader, Rejection]:
+    """The header of one file that can join a CT series, else the Rejection saying why not."""
+    try:
+        h = read_header(path)
+    except DicomError as e:
+        return Rejection(str(path), e.reason)
+    if not h.is_ct:
+        return Rejection(str(path), f"not a CT image (modality {h.modality or 'missing'}, "
+                                    f"SOP class {h.sop_class_uid or 'missing'})")
+    if not h.series_uid:
+        return Rejection(str(path), "no SeriesInstanceUID")
+    if h.is_localizer:
+        return Rejection(str(path), "localizer (scout) image, not part of the axial series")
+    return h
+
+
+def group_scanned(scans: Iterable[Tuple[str, Union[DicomHeader, Rejection]]]
+                  ) -> Tuple[List[SeriesFiles], List[Rejection]]:
+    """(path, :func:`scan_file` result) pairs, in folder order -> series (first-seen order) and rejections."""
+    groups: Dict[Tuple[str, str], SeriesFiles] = {}
+    rejected: List[Rejection] = []
+    for path, scanned in scans:
+        if isinstance(scanned, Rejection):
+            rejected.append(scanned)
+        else:
+            groups.setdefault(scanned.series_key, SeriesFiles(*scanned.series_key)).paths.append(str(path))
+    return list(groups.values()), rejected
+
+
+def check_folder(root) -> Path:
+    """``root`` as a Path; DicomError when it is not a directory."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DicomError(root, "not a directory")
+    return root
+
+
 def group_series(root, record: Optional[Callable[[str, float], None]] = None
                  ) -> Tuple[List[SeriesFiles], List[Rejection]]:
     """Group the CT files under ``root`` by series; everything else is a rejection.
 
     ``record("scan", seconds)`` receives each file's header read time."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DicomError(root, "not a directory")
-    groups: Dict[Tuple[str, str], SeriesFiles] = {}
-    rejected: List[Rejection] = []
-    for p in iter_files(root):
-        t0 = time.perf_counter()
-        try:
-            h = read_header(p)
-        except DicomError as e:
-            rejected.append(Rejection(str(p), e.reason))
-            continue
-        finally:
+
+    def scans():
+        for p in iter_files(check_folder(root)):
+            t0 = time.perf_counter()
+            scanned = scan_file(p)
             if record is not None:
                 record("scan", time.perf_counter() - t0)
-        if not h.is_ct:
-            rejected.append(Rejection(str(p), f"not a CT image (modality {h.modality or 'missing'}, SOP class {h.sop_class_uid or 'missing'})"))
-            continue
-        if not h.series_uid:
-            rejected.append(Rejection(str(p), "no SeriesInstanceUID"))
-            continue
-        if h.is_localizer:
-            rejected.append(Rejection(str(p), "localizer (scout) image, not part of the axial series"))
-            continue
-        key = h.series_key
-        groups.setdefault(key, SeriesFiles(*key)).paths.append(str(p))
-    return list(groups.values()), rejected
+            yield p, scanned
+
+    return group_scanned(scans())
 
 
 def load_series(series: SeriesFiles, record: Optional[Callable[[str, float], None]] = None

@@ -1,6 +1,7 @@
 """Slice geometry: pixel indices <-> patient coordinates (DICOM LPS, millimetres)."""
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Tuple
 
 import numpy as np
@@ -25,13 +26,15 @@ class SliceGeometry:
     column_direction: Tuple[float, float, float] = (0.0, 1.0, 0.0)
     slice_thickness: float = 0.0
 
-    @property
+    @cached_property
     def normal(self) -> np.ndarray:
-        """Unit normal of the plane (row_direction x column_direction)."""
+        """Unit normal of the plane (row_direction x column_direction); read-only, computed once."""
         n = np.cross(np.asarray(self.row_direction, float), np.asarray(self.column_direction, float))
-        return n / np.linalg.norm(n)
+        n = n / np.linalg.norm(n)
+        n.flags.writeable = False
+        return n
 
-    @property
+    @cached_property
     def slice_location(self) -> float:
         """Signed position of the plane along its normal, in mm (for ordering slices)."""
         return float(np.dot(np.asarray(self.position, float), self.normal))

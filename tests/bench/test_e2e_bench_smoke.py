@@ -58,8 +58,13 @@ def test_side_by_side_times_both_pipelines_per_slice(tiny):
     for path in series[0][:3]:
         shutil.copy(path, warm / Path(path).name)
     with OnnxRuntimeRunner(onnx_path, intra_op_threads=1) as runner:
-        results = e2e.run_side_by_side(series, folder, warm, e2e.NaivePipeline(model, chw, StageLatency()),
-                                       e2e.OfflineDetectPath(runner, SPECS, 2, 2, StageLatency()), rounds=2)
+        ours = e2e.OfflineDetectPath(onnx_path, runner, SPECS, 2, 2, 1, StageLatency())
+        try:
+            results = e2e.run_side_by_side(series, folder, warm, e2e.NaivePipeline(model, chw, StageLatency()),
+                                           ours, rounds=2)
+        finally:
+            ours.close()
+    assert results["ours"]["cpu_ms_per_slice"] > 0
     for name in ("naive", "ours"):
         assert results[name]["slices"] == 2 * SLICES
         assert results[name]["slices_per_s"] > 0
@@ -76,7 +81,7 @@ def test_side_by_side_times_both_pipelines_per_slice(tiny):
     e2e.write_markdown(report, md)
     text = md.read_text()
     assert "PRELIMINARY" in text and "Jetson AGX Orin" in text and "| preprocess |" in text
-    assert "edge detect --workers 2" in text and "2 worker thread(s) x 1 ONNX Runtime" in text
+    assert "edge detect --workers 2" in text and "2 worker process(es) x 1 ONNX Runtime" in text
 
 
 def test_service_row_processes_every_slice_over_cstore(tiny, tmp_path):

@@ -14,7 +14,7 @@ from edge.backends.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
 from edge.cli import main  # noqa: E402
 from edge.detector import SeriesDetector  # noqa: E402
 from edge.dicom.reader import read_frames  # noqa: E402
-from edge.errors import InputError  # noqa: E402
+from edge.errors import DicomError, InputError  # noqa: E402
 from edge.model_file import ModelSpecs  # noqa: E402
 
 
@@ -141,6 +141,29 @@ def test_parallel_workers_give_the_same_results_in_the_same_order(tmp_path, blob
         for a, b in zip(one.series, other.series):
             assert a.findings == b.findings and a.image_z == b.image_z
             assert a.slice_detections == b.slice_detections
+
+
+def test_worker_processes_give_the_same_results_as_one_process(tmp_path, blob_model):
+    from edge.offline import ProcessPoolDetector, detect_folder
+
+    _messy_folder(tmp_path / "in")
+    write_series(tmp_path / "in" / "c", n_slices=8, spheres=(Sphere(0.0, 0.0, 0.0),), seed=4)
+    write_series(tmp_path / "in" / "d", n_slices=2, seed=5)
+    with OnnxRuntimeRunner(blob_model, intra_op_threads=1) as runner:
+        one = detect_folder(tmp_path / "in", runner, ModelSpecs.from_metadata(runner.custom_metadata()))
+    with ProcessPoolDetector(blob_model, workers=2) as pool:
+        for _ in range(2):  # the pool is reused
+            seen, stages = [], {}
+            run = pool.detect(tmp_path / "in", on_series=lambda r: seen.append(r.series_uid),
+                              record=lambda stage, seconds: stages.setdefault(stage, []).append(seconds))
+            assert seen == [s.series_uid for s in one.series] == [s.series_uid for s in run.series]
+            assert [(r.path, r.reason) for r in run.rejected] == [(r.path, r.reason) for r in one.rejected]
+            for a, b in zip(one.series, run.series):
+                assert a.findings == b.findings and a.slice_detections == b.slice_detections
+            assert set(stages) == {"scan", "decode", "preprocess", "infer", "postprocess"}
+            assert len(stages["scan"]) == sum(1 for p in (tmp_path / "in").rglob("*") if p.is_file())
+        with pytest.raises(DicomError, match="not a directory"):
+            pool.detect(tmp_path / "missing")
 
 
 def test_detect_cli_workers_and_threads(tmp_path, blob_model, capsys):
