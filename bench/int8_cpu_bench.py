@@ -156,6 +156,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--onnx", help="FP32 model (default: edge/models/student.onnx, teacher.onnx, else a random teacher)")
     p.add_argument("--int8", help="INT8 Q/DQ model in the CPU placement (default: made here)")
+    p.add_argument("--also", action="append", default=[], metavar="ONNX",
+                   help="another model to time in the same rounds, for the record (repeatable)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default %(default)s)")
     p.add_argument("--batch", type=int, default=1, help="slices per inference (default %(default)s)")
     p.add_argument("--rounds", type=int, default=20, help="timed rounds (default %(default)s)")
@@ -179,6 +181,8 @@ def main(argv=None) -> int:
     made = make_int8(onnx_path, inputs, work)
     models["int8 (CPU placement)"] = Path(args.int8) if args.int8 else made["cpu"]
     models["int8 (TensorRT placement)"] = made["tensorrt"]
+    for extra in args.also:
+        models[f"for the record: {extra}"] = Path(extra)
     reps = -(-args.batch // len(inputs))
     x = np.ascontiguousarray(np.concatenate([inputs] * reps)[:args.batch])
     results = summarize(measure(models, x, args.threads, args.rounds, args.warmup))

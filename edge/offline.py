@@ -4,7 +4,7 @@ import csv
 import logging
 import time
 from collections import defaultdict, deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -90,31 +90,19 @@ def detect_folder(
     specs: ModelSpecs,
     min_slices: int = 3,
     on_series: Optional[Callable[[SeriesResult], None]] = None,
-    workers: int = 1,
     record: Optional[Callable[[str, float], None]] = None,
     batch_size: int = 4,
 ) -> DetectionRun:
     """Detect nodules in every CT series under ``root``; unusable files and series are reported, not fatal.
 
-    ``workers`` series are decoded and detected at once, in threads sharing ``runner`` (any backend;
-    ONNX Runtime and TensorRT release the GIL, the DICOM decode does not: for ONNX Runtime on a
-    multi-core CPU :class:`ProcessPoolDetector` scales better). Results, rejections and ``on_series``
-    calls come in the folder's series order whatever the number of workers, and memory holds at most
-    ``workers`` decoded series. ``record(stage, seconds)`` (called from the worker threads) receives
-    every timing: ``scan`` and ``decode`` per file, ``preprocess`` per slice, ``infer`` and
-    ``postprocess`` per slice (a batch's time divided by its size).
+    One series at a time, so memory holds one decoded series; :class:`ProcessPoolDetector` spreads the
+    series over worker processes. ``record(stage, seconds)`` receives every timing: ``scan`` and
+    ``decode`` per file, ``preprocess`` per slice, ``infer`` and ``postprocess`` per slice (a batch's
+    time divided by its size).
     """
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
     groups, rejected = group_series(root, record)
-
-    def detect_one(group: SeriesFiles) -> SeriesOutcome:
-        return detect_series(group, runner, specs, min_slices, batch_size, record)
-
-    if workers == 1:
-        return _collect(rejected, map(detect_one, groups), on_series)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="detect") as pool:
-        return _collect(rejected, _bounded_map(pool, detect_one, groups, workers), on_series)
+    outcomes = (detect_series(g, runner, specs, min_slices, batch_size, record) for g in groups)
+    return _collect(rejected, outcomes, on_series)
 
 
 def _collect(rejected: List[Rejection], outcomes: Iterable[SeriesOutcome],
@@ -138,7 +126,7 @@ def _collect(rejected: List[Rejection], outcomes: Iterable[SeriesOutcome],
     return run
 
 
-def _bounded_map(pool: Executor, fn, items, in_flight: int) -> Iterator:
+def _bounded_map(pool: ProcessPoolExecutor, fn, items, in_flight: int) -> Iterator:
     """``pool.map`` that submits at most ``in_flight`` items ahead of the one being consumed (bounded memory)."""
     pending: Deque[Future] = deque()
     try:
@@ -186,7 +174,8 @@ class ProcessPoolDetector:
     """``edge detect`` over ``workers`` processes, each with its own ONNX Runtime session of ``model_path``.
 
     The folder scan is split among the workers, then each series is decoded, preprocessed and detected
-    in one worker: no GIL is shared, so the Python DICOM decode scales with the cores as inference does.
+    in one worker: no GIL is shared, so the Python DICOM decode scales with the cores as inference does
+    (threads would serialize it).
     Same results, order and rejections as :func:`detect_folder`; at most ``2 x workers`` series are
     queued and ``workers`` decoded at once. The pool lives until :meth:`close` (or the ``with`` block
     ends), so repeated :meth:`detect` calls do not pay the start-up (about a second per worker).

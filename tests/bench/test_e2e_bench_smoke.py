@@ -64,7 +64,7 @@ def test_side_by_side_times_both_pipelines_per_slice(tiny):
                                            ours, rounds=2)
         finally:
             ours.close()
-    assert results["ours"]["cpu_ms_per_slice"] > 0
+    assert results["ours"]["cpu_ms_per_slice"] > 0 and len(results["round_ratios"]) == 2
     for name in ("naive", "ours"):
         assert results[name]["slices"] == 2 * SLICES
         assert results[name]["slices_per_s"] > 0
