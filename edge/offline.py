@@ -174,11 +174,11 @@ class ProcessPoolDetector:
     """``edge detect`` over ``workers`` processes, each with its own ONNX Runtime session of ``model_path``.
 
     The folder scan is split among the workers, then each series is decoded, preprocessed and detected
-    in one worker: no GIL is shared, so the Python DICOM decode scales with the cores as inference does
-    (threads would serialize it).
-    Same results, order and rejections as :func:`detect_folder`; at most ``2 x workers`` series are
-    queued and ``workers`` decoded at once. The pool lives until :meth:`close` (or the ``with`` block
-    ends), so repeated :meth:`detect` calls do not pay the start-up (about a second per worker).
+    in one worker. Processes rather than threads: pydicom's parsing holds the GIL, so threads would
+    serialize the decode. Same results, order and rejections as :func:`detect_folder`; at most
+    ``2 x workers`` series are queued and ``workers`` decoded at once. The pool lives until
+    :meth:`close` (or the ``with`` block ends), so repeated :meth:`detect` calls do not pay the
+    start-up (about a second per worker).
     """
 
     def __init__(self, model_path, workers: int, intra_op_threads: int = 1, batch_size: int = 4,
