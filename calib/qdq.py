@@ -222,8 +222,8 @@ def quantize_model(model, amax: Mapping[str, float], layout: str = "tensorrt",
         """DQ of ``weight`` quantized here (int8 initializer): what ONNX Runtime folds a Q of a constant into."""
         shape = [1] * weight.values.ndim
         shape[axis] = -1
-        values = np.asarray(weight.values, np.float32) / scale.reshape(shape)
-        q = gs.Constant(fresh(f"{weight.name}_quantized"), np.clip(np.rint(values), -INT8_MAX, INT8_MAX).astype(np.int8))
+        values = np.clip(np.rint(np.asarray(weight.values, np.float32) / scale.reshape(shape)), -INT8_MAX, INT8_MAX)
+        q = gs.Constant(fresh(f"{weight.name}_quantized"), values.astype(np.int8))
         scale_c = gs.Constant(fresh(f"{weight.name}_scale"), scale)
         zero_c = gs.Constant(fresh(f"{weight.name}_zero_point"), np.zeros(scale.shape, np.int8))
         out = gs.Variable(fresh(f"{weight.name}_dequantized"), np.float32, weight.shape)
