@@ -6,17 +6,13 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-import torch
 
 from calib.qdq import QUANTIZATION_KEY, quantize_model
 from calib.qdq_check import check_qdq
 from calib.ranges import ActivationCollector, compute_ranges
-from edge.decode.spec import DecodeSpec
 from edge.errors import ConfigError
-from edge.model_file import ModelSpecs, read_model_specs
-from edge.preprocess.spec import PreprocessSpec
-from toolchain.export.onnx_export import export_onnx
-from toolchain.models.centernet_unet import CenterNetUNet
+from edge.model_file import read_model_specs
+from qdq_helpers import export_tiny_detector, tiny_inputs
 
 SIZE = 64
 
@@ -24,15 +20,11 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny detector exported as the real export path does, its inputs and percentile ranges."""
-    torch.manual_seed(0)
-    model = CenterNetUNet(3, [8, 16], 8).eval()
-    specs = ModelSpecs(PreprocessSpec(out_height=SIZE, out_width=SIZE, slices=3), DecodeSpec(stride=2), {"name": "t"})
     path = tmp_path_factory.mktemp("qdq") / "tiny.onnx"
-    export_onnx(model, specs, path)
-    rng = np.random.default_rng(0)
-    inputs = rng.uniform(-0.2, 1.2, (6, 3, SIZE, SIZE)).astype(np.float32)
+    model, specs = export_tiny_detector(path, SIZE, seed=0, name="t")
+    inputs = tiny_inputs(6, SIZE, seed=0)
     hist = ActivationCollector(path).collect(lambda: (inputs[i:i + 2] for i in range(0, 6, 2)))
-    return path, onnx.load(str(path)), inputs, compute_ranges(hist, "percentile"), specs
+    return path, model, inputs, compute_ranges(hist, "percentile"), specs
 
 
 def run(model, x, optimize=False):
@@ -100,7 +92,6 @@ def test_cpu_layout_runs_as_integer_kernels_with_unsigned_activations(tiny):
     cpu = quantize_model(model, amax, "cpu")
     m = cpu.model
     consts = constants(m)
-    producers = {o: n for n in m.graph.node for o in n.output}
     # the three sibling heads became one convolution; every Relu became a uint8 pair
     assert len(cpu.fused_heads) == 3 and not any(n.op_type == "Relu" for n in m.graph.node)
     convs_3x3 = sum(n.op_type == "Conv" for n in model.graph.node) - 3

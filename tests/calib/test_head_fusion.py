@@ -3,29 +3,22 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-import torch
 
 from calib.head_fusion import fuse_parallel_heads
 from calib.ranges import ActivationCollector, compute_ranges
-from edge.decode.spec import DecodeSpec
-from edge.model_file import ModelSpecs, read_model_specs
-from edge.preprocess.spec import PreprocessSpec
-from toolchain.export.onnx_export import export_onnx
-from toolchain.models.centernet_unet import CenterNetUNet
+from edge.model_file import read_model_specs
+from qdq_helpers import export_tiny_detector, tiny_inputs
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.manual_seed(1)
-    model = CenterNetUNet(3, [8, 16], 8).eval()
-    specs = ModelSpecs(PreprocessSpec(out_height=SIZE, out_width=SIZE, slices=3), DecodeSpec(stride=2), {"name": "h"})
     path = tmp_path_factory.mktemp("heads") / "m.onnx"
-    export_onnx(model, specs, path)
-    x = np.random.default_rng(1).uniform(-0.2, 1.2, (2, 3, SIZE, SIZE)).astype(np.float32)
+    model, specs = export_tiny_detector(path, SIZE, seed=1, name="h")
+    x = tiny_inputs(2, SIZE, seed=1)
     amax = compute_ranges(ActivationCollector(path).collect(lambda: iter([x])), "max")
-    return path, onnx.load(str(path)), x, amax, specs
+    return path, model, x, amax, specs
 
 
 def run(model, x, outputs=None):
