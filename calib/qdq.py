@@ -167,14 +167,16 @@ def quantize_model(model, amax: Mapping[str, float], layout: str = "tensorrt",
     """
     if layout not in LAYOUTS:
         raise ConfigError(f"Q/DQ layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    fused_heads: List[str] = []
-    if layout == "cpu" and gs.import_onnx(model).opset >= MIN_OPSET:
-        fusion = fuse_parallel_heads(model, amax)
-        model, amax, fused_heads = fusion.model, fusion.amax, fusion.fused
     graph = gs.import_onnx(model)
     if graph.opset < MIN_OPSET:
         raise ConfigError(f"the model's opset is {graph.opset}; per-channel Q/DQ needs opset >= {MIN_OPSET}: "
                           "re-export it with tools/export_onnx.py")
+    fused_heads: List[str] = []
+    if layout == "cpu":
+        fusion = fuse_parallel_heads(model, amax)
+        if fusion.fused:
+            model, amax, fused_heads = fusion.model, fusion.amax, fusion.fused
+            graph = gs.import_onnx(model)
     graph.toposort()
     non_negative = _non_negative_tensors(graph) if layout == "cpu" else set()
     groups = _Groups()
