@@ -9,6 +9,18 @@ Each --data folder needs annotations.csv and series.csv (tools/make_dataset.py
 writes both). The network runs once per series; every (max_elongation,
 min_z_span) pair rescores the same findings, and the pair with the best mean CPM
 over the folders wins. Never tune on the test split.
+
+With --rescorer, a logistic false-positive rescorer over each finding's track
+(edge/decode/rescoring.py) is also fitted, for every --rescorer-l2 value, and
+scored by cross-validation over the series (each series rescored by a model
+fitted without it). The rescorer goes into the spec only when its
+cross-validated mean CPM beats the best shape prior's (which is scored on the
+series it was chosen on, so the comparison favours the prior).
+
+The spec's report_threshold is set at the chosen scoring's operating point of
+--report-fp-per-scan false positives per scan over all the folders (the
+rescorer's from its cross-validated probabilities): the probability from which
+the runtime reports findings when the site does not set outputs.report_threshold.
 """
 
 import argparse
@@ -23,19 +35,20 @@ from edge.errors import ConfigError, EdgeError, report_user_error  # noqa: E402
 
 DEFAULT_MAX_ELONGATION = "none,3,2,1.5,1.25,1,0.9,0.8"
 DEFAULT_MIN_Z_SPAN = "none,0.5,0.6,0.7,0.8,0.9"
+DEFAULT_RESCORER_L2 = "0.3,3,30"
 
 
-def parse_grid(text: str, option: str):
+def parse_grid(text: str, option: str, allow_none: bool = True):
     values = []
     for item in text.split(","):
         item = item.strip().lower()
-        if item in ("none", "off"):
+        if allow_none and item in ("none", "off"):
             values.append(None)
             continue
         try:
             values.append(float(item))
         except ValueError:
-            raise ConfigError(f"{option}: {item!r} is not a number or 'none'") from None
+            raise ConfigError(f"{option}: {item!r} is not a number{' or none' if allow_none else ''}") from None
     return values
 
 
@@ -47,15 +60,33 @@ def main(argv=None) -> int:
                    help="comma list of values to try; 'none' switches the penalty off (default %(default)s)")
     p.add_argument("--min-z-span", default=DEFAULT_MIN_Z_SPAN,
                    help="comma list of values to try; 'none' switches the penalty off (default %(default)s)")
+    p.add_argument("--rescorer", action="store_true",
+                   help="also fit the logistic false-positive rescorer; keep it when it cross-validates better")
+    p.add_argument("--rescorer-l2", default=DEFAULT_RESCORER_L2,
+                   help="comma list of L2 penalties to try for the rescorer (default %(default)s)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds over the series (default %(default)s)")
+    p.add_argument("--report-fp-per-scan", type=float, default=1.0,
+                   help="operating point for the spec's report_threshold, in false positives per scan "
+                        "(default %(default)s)")
     p.add_argument("--out", required=True, help="tuned decode spec (JSON) to write")
     p.add_argument("--json", help="write the whole grid (CPM per folder) here")
     args = p.parse_args(argv)
     try:
+        import numpy as np
+
         from edge.backends.onnxruntime_runner import open_onnxruntime_runner
+        from edge.decode.findings import shape_prior
         from toolchain.evaluation.decode_tuning import AnnotatedFolder, detect_without_shape_prior, grid_search
 
         grid_me = parse_grid(args.max_elongation, "--max-elongation")
         grid_ms = parse_grid(args.min_z_span, "--min-z-span")
+        l2_values = parse_grid(args.rescorer_l2, "--rescorer-l2", allow_none=False)
+        if any(v < 0 for v in l2_values):
+            raise ConfigError(f"--rescorer-l2: penalties must be >= 0, got {args.rescorer_l2}")
+        if args.folds < 2:
+            raise ConfigError(f"--folds must be >= 2, got {args.folds}")
+        if not args.report_fp_per_scan > 0:
+            raise ConfigError(f"--report-fp-per-scan must be > 0, got {args.report_fp_per_scan}")
         folders = [AnnotatedFolder.open(d) for d in args.data]
         runner, specs = open_onnxruntime_runner(args.model)
         try:
@@ -68,7 +99,26 @@ def main(argv=None) -> int:
         # validated here, before anything is written: a bad grid value is a ConfigError naming the field
         points = grid_search(found, folders, specs.decode, grid_me, grid_ms)
         best = points[0]
-        tuned = dataclasses.replace(specs.decode, max_elongation=best.max_elongation, min_z_span=best.min_z_span)
+        tuned = dataclasses.replace(specs.decode, max_elongation=best.max_elongation, min_z_span=best.min_z_span,
+                                    rescorer=None)
+        from toolchain.evaluation.rescorer_fit import (cross_validated_probabilities, fit_rescorer_on,
+                                                       rescorer_trials, threshold_at)
+
+        nodules, scans = [f.nodules for f in folders], [f.scans for f in folders]
+        rescorer_rows = []
+        if args.rescorer:
+            rescorer_rows = rescorer_trials(found, nodules, scans, l2_values, args.folds)
+            top = max(rescorer_rows, key=lambda r: r["mean_cpm"])
+            if top["mean_cpm"] > best.mean_cpm:
+                tuned = dataclasses.replace(tuned, rescorer=fit_rescorer_on(found, nodules, top["l2"]))
+        if tuned.rescorer is not None:
+            probabilities = cross_validated_probabilities(found, nodules, top["l2"], args.folds)
+        else:
+            probabilities = [{uid: np.array([shape_prior(f.max_score, f.z_extent_mm, f.slice_spacing_mm,
+                                                         f.diameter_mm, tuned) for f in fs])
+                              for uid, fs in per_folder.items()} for per_folder in found]
+        threshold = threshold_at(found, probabilities, nodules, scans, args.report_fp_per_scan)
+        tuned = dataclasses.replace(tuned, report_threshold=round(min(threshold, 1.0), 6))
     except EdgeError as e:
         return report_user_error(e)
     names = " ".join(str(f.path) for f in folders)
@@ -76,6 +126,9 @@ def main(argv=None) -> int:
     for pt in points:
         print(f"{str(pt.max_elongation):>14} {str(pt.min_z_span):>10}  {pt.mean_cpm:8.4f}  "
               + " ".join(f"{c:.4f}" for c in pt.cpm))
+    for row in rescorer_rows:
+        print(f"rescorer l2 {row['l2']:>8g}  cross-validated mean CPM {row['mean_cpm']:.4f}  "
+              + " ".join(f"{c:.4f}" for c in row["cpm"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(tuned.to_json() + "\n")
     if args.json:
@@ -83,9 +136,17 @@ def main(argv=None) -> int:
             "model": str(args.model), "folders": [str(f.path) for f in folders],
             "grid": [dict(max_elongation=pt.max_elongation, min_z_span=pt.min_z_span, cpm=list(pt.cpm),
                           mean_cpm=pt.mean_cpm) for pt in points],
+            "rescorer_cross_validated": rescorer_rows, "folds": args.folds if args.rescorer else None,
+            "report_fp_per_scan": args.report_fp_per_scan,
             "chosen": tuned.to_dict()}, indent=1) + "\n")
-    print(f"chosen: max_elongation {best.max_elongation}, min_z_span {best.min_z_span} "
-          f"(mean CPM {best.mean_cpm:.4f}); decode spec written to {args.out}")
+    print(f"report_threshold {tuned.report_threshold:g}: {args.report_fp_per_scan:g} false positive(s) per scan "
+          "on these series")
+    if tuned.rescorer is not None:
+        print(f"chosen: the rescorer (l2 {top['l2']:g}, cross-validated mean CPM {top['mean_cpm']:.4f} > "
+              f"{best.mean_cpm:.4f} of the best shape prior); decode spec written to {args.out}")
+    else:
+        print(f"chosen: max_elongation {best.max_elongation}, min_z_span {best.min_z_span} "
+              f"(mean CPM {best.mean_cpm:.4f}); decode spec written to {args.out}")
     return 0
 
 

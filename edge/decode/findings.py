@@ -44,6 +44,11 @@ class Finding:
     last_slice_location: float
     key_slice_location: float  # slice with the highest score
     slice_spacing_mm: float = 0.0  # between the series' slices where the track ended (0: not known)
+    # Track shape, for the decode spec's rescorer (edge.decode.rescoring):
+    mean_score: float = 0.0  # over the slices with a detection
+    end_diameter_ratio: float = 1.0  # mean diameter of the first and last detection / diameter_mm
+    end_score_ratio: float = 1.0  # mean score of the first and last detection / max_score
+    drift_mm: float = 0.0  # in-plane distance from the first detection to the last
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -190,13 +195,13 @@ class SeriesFindingAggregator:
         first, last = dets[0].slice_location, dets[-1].slice_location
         extent = abs(last - first)
         max_score = float(scores.max())
-        probability = shape_prior(max_score, extent, self._spacing, diameter, self.spec)
-        return Finding(
+        ends = _points([dets[0], dets[-1]])
+        measured = dict(
             x=float(centre[0]),
             y=float(centre[1]),
             z=float(centre[2]),
             diameter_mm=float(diameter),
-            probability=float(probability),
+            probability=0.0,
             max_score=max_score,
             n_slices=len(dets),
             z_extent_mm=float(extent),
@@ -204,4 +209,13 @@ class SeriesFindingAggregator:
             last_slice_location=float(last),
             key_slice_location=float(key.slice_location),
             slice_spacing_mm=float(self._spacing),
+            mean_score=float(scores.mean()),
+            end_diameter_ratio=float((dets[0].diameter_mm + dets[-1].diameter_mm) / (2 * diameter)) if diameter > 0 else 1.0,
+            end_score_ratio=float((scores[0] + scores[-1]) / (2 * max_score)) if max_score > 0 else 1.0,
+            drift_mm=float(_in_plane_distances(ends[:1], ends[1:])[0, 0]),
         )
+        if self.spec.rescorer is not None:
+            measured["probability"] = self.spec.rescorer.probability(Finding(**measured))
+        else:
+            measured["probability"] = shape_prior(max_score, extent, self._spacing, diameter, self.spec)
+        return Finding(**measured)

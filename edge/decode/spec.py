@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from edge.decode.rescoring import FindingRescorer
 from edge.errors import ConfigError, InputError
 
 
@@ -38,6 +39,13 @@ class DecodeSpec:
     in) is less than ``min_z_span`` times its diameter (a flat structure, or a blob seen
     on too few slices for its size) has its probability scaled by
     ``(z_span / (min_z_span * diameter)) ** 2``. A nodule is about as deep as it is wide.
+    With ``rescorer`` set, a finding's probability is that model's output over its
+    track's measurements instead (:mod:`edge.decode.rescoring`), and the two shape
+    penalties above are not applied. ``report_threshold`` is the probability from
+    which the model's findings are reported (overlays, SR) unless the site's
+    ``outputs.report_threshold`` says otherwise: the validated operating point
+    (``tools/tune_decode.py`` sets it at 1 false positive per scan), because what a
+    probability means depends on how the model scores.
     """
 
     stride: int = 4  # model-input pixels per output cell
@@ -49,6 +57,8 @@ class DecodeSpec:
     min_slices: int = 2
     max_elongation: Optional[float] = 3.0  # None: no penalty
     min_z_span: Optional[float] = None  # None: no penalty
+    rescorer: Optional[FindingRescorer] = None  # None: max_score and the shape penalties
+    report_threshold: Optional[float] = None  # None: the runtime's default
     version: int = field(default=1)
 
     def __post_init__(self):
@@ -76,11 +86,22 @@ class DecodeSpec:
             raise ConfigError(f"decode.max_elongation must be a number > 0 or null, got {self.max_elongation!r}")
         if self.min_z_span is not None and not (_is_number(self.min_z_span) and 0 < self.min_z_span <= 1):
             raise ConfigError(f"decode.min_z_span must be a number in (0, 1] or null, got {self.min_z_span!r}")
+        if self.rescorer is not None and not isinstance(self.rescorer, FindingRescorer):
+            raise ConfigError(f"decode.rescorer must be a FindingRescorer or null, got {type(self.rescorer).__name__}")
+        if self.report_threshold is not None and not (
+                _is_number(self.report_threshold) and 0.0 <= self.report_threshold <= 1.0):
+            raise ConfigError(f"decode.report_threshold must be a number in [0, 1] or null, got {self.report_threshold!r}")
         if self.version != 1:
             raise ConfigError(f"decode.version: unsupported version {self.version!r} (this runtime reads 1)")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for optional in ("rescorer", "report_threshold"):  # specs without them serialise as before
+            if d[optional] is None:
+                del d[optional]
+        if self.rescorer is not None:
+            d["rescorer"] = self.rescorer.to_dict()
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -92,6 +113,9 @@ class DecodeSpec:
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"decode: unknown key(s) {', '.join(unknown)}")
+        d = dict(d)
+        if d.get("rescorer") is not None:
+            d["rescorer"] = FindingRescorer.from_dict(d["rescorer"])
         return cls(**d)
 
     @classmethod

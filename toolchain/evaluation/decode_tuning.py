@@ -52,7 +52,7 @@ class GridPoint:
 
 
 def shape_free(spec: DecodeSpec) -> DecodeSpec:
-    return dataclasses.replace(spec, max_elongation=None, min_z_span=None)
+    return dataclasses.replace(spec, max_elongation=None, min_z_span=None, rescorer=None)
 
 
 def rescored_cpm(findings: Dict[str, List[Finding]], folder: AnnotatedFolder, spec: DecodeSpec) -> float:

@@ -80,3 +80,46 @@ def test_cli_bad_grid_value_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "'abc'" in r.stderr
     assert not (tmp_path / "d.json").exists()
+
+
+def test_cli_rescorer_is_fitted_cross_validated_and_kept_only_when_it_wins(tmp_path):
+    # four series, each with a nodule (a sphere) and a tube along z that the blob model scores high too
+    data = tmp_path / "val"
+    nodules, uids = [], []
+    for k in range(4):
+        tube = [Sphere(-12.0, 10.0, float(z), radius=5.0) for z in np.arange(-30.0, 31.0, 1.0)]
+        s = write_series(data / f"s{k}", n_slices=24, spheres=[Sphere(8.0, -6.0, 0.0, radius=5.0 + k)] + tube, seed=k)
+        nodules.append((s.series_uid, 8.0, -6.0, 0.0, 2 * (5.0 + k)))
+        uids.append(s.series_uid)
+    write_tables(data, nodules, uids)
+    model = build_blob_model(tmp_path / "m.onnx")
+
+    def tune(max_elongation, out):
+        r = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model), "--data", str(data),
+                            "--max-elongation", max_elongation, "--min-z-span", "none", "--rescorer",
+                            "--rescorer-l2", "1,10", "--folds", "2", "--out", str(out / "d.json"),
+                            "--json", str(out / "grid.json")], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return (r.stdout, DecodeSpec.from_json((out / "d.json").read_text()),
+                json.loads((out / "grid.json").read_text()))
+
+    # without a shape prior the tubes outrank some nodules; the held-out rescorer ranks every nodule first
+    stdout, chosen, report = tune("none", tmp_path / "a")
+    rows = report["rescorer_cross_validated"]
+    assert [row["l2"] for row in rows] == [1.0, 10.0] and report["folds"] == 2
+    assert report["grid"][0]["mean_cpm"] < 0.95 and rows[0]["mean_cpm"] == pytest.approx(1.0)
+    assert chosen.rescorer is not None and "chosen: the rescorer (l2 1," in stdout
+    assert chosen.max_elongation is None
+    assert 0.0 < chosen.report_threshold <= 1.0 and report["report_fp_per_scan"] == 1.0
+    # a shape prior that is as good keeps the spec free of the rescorer (it must win, not tie)
+    stdout, chosen, report = tune("none,1", tmp_path / "b")
+    assert report["grid"][0]["mean_cpm"] == pytest.approx(1.0)
+    assert chosen.rescorer is None and chosen.max_elongation == 1.0
+
+
+def test_cli_bad_rescorer_option_is_one_line(tmp_path):
+    for bad, message in ((["--rescorer-l2", "none"], "'none'"), (["--rescorer-l2", "-1"], "penalties"),
+                         (["--folds", "1"], "--folds")):
+        r = subprocess.run([sys.executable, str(SCRIPT), "--model", "m.onnx", "--data", str(tmp_path), "--rescorer",
+                            *bad, "--out", str(tmp_path / "d.json")], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
