@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--slices", type=int, default=60, help="slices per series (default: %(default)s)")
     m.add_argument("--rate", type=float, help="scanner rate in slices/s (default: as fast as accepted)")
     m.add_argument("--model", help="ONNX model (default: the committed model)")
+    m.add_argument("--report-threshold", type=float,
+                   help="report findings from this probability (default: the model's validated operating point)")
     m.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("selftest", help="run the CPU path on a generated phantom slice (no network needed)")
@@ -152,7 +154,7 @@ def cmd_demo(args) -> int:
     if args.series < 1 or args.slices < 3:
         raise EdgeError("edge demo: --series must be >= 1 and --slices >= 3")
     opts = DemoOptions(Path(args.out), series=args.series, slices=args.slices, rate=args.rate,
-                       model=Path(args.model) if args.model else None)
+                       model=Path(args.model) if args.model else None, report_threshold=args.report_threshold)
     for line in run_demo(opts):
         print(line, flush=True)
     return 0

@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from edge.errors import ConfigError, MissingDependencyError
 
@@ -79,6 +79,15 @@ def _choice(*options: str) -> Callable:
         return value
 
     return check
+
+
+def _report_threshold(value):
+    if value == "model":
+        return value
+    try:
+        return _number(0, 1)(value)
+    except _Invalid:
+        raise _Invalid("must be \"model\" or a number >= 0 and <= 1") from None
 
 
 def _ae_title(value):
@@ -205,7 +214,9 @@ class OutputsConfig:
     sr: bool = _setting(True, _bool)
     # Findings below this probability are kept in findings.jsonl (for FROC analysis)
     # but get no overlay and no SR entry: the SR is what a radiologist sees.
-    report_threshold: float = _setting(0.5, _number(0, 1))
+    # "model": the threshold validated with the model that processed the series
+    # (its decode spec's report_threshold; 0.5 for models without one).
+    report_threshold: Union[str, float] = _setting("model", _report_threshold)
     pacs: PacsConfig = _section(PacsConfig)
 
 

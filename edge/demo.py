@@ -26,7 +26,7 @@ class DemoOptions:
     seed: int = 2026
     rate: Optional[float] = None  # slices per second; None: as fast as the runtime accepts
     model: Optional[Path] = None
-    report_threshold: float = 0.5
+    report_threshold: Optional[float] = None  # None: the model's own (its validated operating point)
 
 
 def _match(findings: List[dict], nodules, threshold: float):
@@ -59,7 +59,6 @@ def run_demo(opts: DemoOptions) -> Iterator[str]:
     from edge.phantom import PROFILES, generate_series, write_series
 
     out = Path(opts.out_dir).resolve()
-    threshold = opts.report_threshold
     scanner_dir = out / "scanner"
     out.mkdir(parents=True, exist_ok=True)
     model = Path(opts.model) if opts.model else default_model_path()
@@ -84,7 +83,8 @@ def run_demo(opts: DemoOptions) -> Iterator[str]:
         "storage": {"state_dir": str(out / "state")},
         "model": {"path": str(model)},
         "pipeline": {"series_idle_s": 2.0},
-        "outputs": {"dir": str(out / "results"), "report_threshold": threshold},
+        "outputs": {"dir": str(out / "results"),
+                    "report_threshold": "model" if opts.report_threshold is None else opts.report_threshold},
         "metrics": {"enabled": False},
     }, source="edge demo")
     service = EdgeService(config).start()
@@ -115,8 +115,16 @@ def run_demo(opts: DemoOptions) -> Iterator[str]:
     n_slices = sum(s.get("n_slices", 0) for s in summaries)
     yield (f"runtime: {counts['processed']} instances processed, {counts['rejected']} rejected, "
            f"{n_slices} slices in {elapsed:.1f} s ({n_slices / max(elapsed, 1e-9):.1f} slices/s end to end)")
+    from edge.outputs.exporter import FALLBACK_REPORT_THRESHOLD
+
     hits = misses = fps = 0
+    thresholds = set()
     for s in summaries:
+        threshold = opts.report_threshold
+        if threshold is None:
+            threshold = s.get("model_report_threshold")
+            threshold = FALLBACK_REPORT_THRESHOLD if threshold is None else threshold
+        thresholds.add(threshold)
         series = truth.get(s["series_uid"])
         findings = by_result[s["result_id"]]
         shown = [f for f in findings if f["probability"] >= threshold]
@@ -131,7 +139,8 @@ def run_demo(opts: DemoOptions) -> Iterator[str]:
                        f"{n.diameter_mm:.1f} mm {n.kind} {n.location}")
             h, m, fp = _match(findings, series.nodules, threshold)
             hits, misses, fps = hits + h, misses + m, fps + fp
-    yield f"at probability >= {threshold}: {hits} nodule(s) found, {misses} missed, {fps} false positive(s)"
+    at = " / ".join(f"{t:g}" for t in sorted(thresholds)) or "-"
+    yield f"at probability >= {at}: {hits} nodule(s) found, {misses} missed, {fps} false positive(s)"
     for stage, st in latency.items():
         yield f"latency {stage}: p50 {st['p50_ms']:.1f} ms, p99 {st['p99_ms']:.1f} ms (n={st['n']})"
     yield f"outputs: {out / 'results'} (findings.jsonl, series.jsonl, overlays/, sr/)"

@@ -106,6 +106,7 @@ class SeriesOutcome:
     gaps_skipped: int = 0
     completed_at_close: List[Finding] = field(default_factory=list)  # not streamed before the close
     model: Dict[str, str] = field(default_factory=dict)  # the model that processed the series (name, version, ...)
+    report_threshold: Optional[float] = None  # that model's decode spec's report_threshold
 
     def member_near(self, location: float) -> Optional[Member]:
         """The analysed frame closest to a slice location (a finding's key slice)."""

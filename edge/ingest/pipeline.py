@@ -527,6 +527,7 @@ class Pipeline:
             finally:
                 model.release()
             outcome.model = dict(model.info)
+            outcome.report_threshold = model.specs.decode.report_threshold
             self.latency.record("close", time.perf_counter() - t0)
             self._emit(assembly, outcome.completed_at_close)
             self._output_q.put(outcome)

@@ -169,4 +169,5 @@ class ResultStore(PipelineSink):
             committed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             timings_ms=timings,
             sources=sources,
+            report_threshold=outcome.report_threshold,
         )

@@ -121,7 +121,8 @@ class EdgeService:
         self.spool = Spool(c.spool_dir, c.rejected_dir if c.storage.keep_rejected else None)
         self.ledger = Ledger(c.ledger_path)
         exporter = SeriesExporter(c.outputs.dir, jsonl=c.outputs.jsonl, overlays=c.outputs.overlays, sr=c.outputs.sr,
-                                  report_threshold=c.outputs.report_threshold,
+                                  report_threshold=None if c.outputs.report_threshold == "model"
+                                  else c.outputs.report_threshold,
                                   pacs=c.outputs.pacs)
         self.results = ResultStore(self.ledger, self.spool, exporter, self.metrics, model=self.model)
         self.pipeline = Pipeline(None, None, c.pipeline, self.results, self.metrics, batch_size=c.model.batch_size,

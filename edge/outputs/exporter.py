@@ -37,11 +37,20 @@ class ExportError(EdgeError):
         super().__init__(f"result {result_id}: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
 
 
+FALLBACK_REPORT_THRESHOLD = 0.5  # for results of models whose decode spec has no report_threshold
+
+
 class SeriesExporter:
-    """Writes series results under ``out_dir``; each output can be switched off."""
+    """Writes series results under ``out_dir``; each output can be switched off.
+
+    ``report_threshold``: findings at or above it get overlays and SR entries
+    (findings.jsonl keeps all); None: each result's own (the model's, recorded in
+    :attr:`SeriesReport.report_threshold`), else :data:`FALLBACK_REPORT_THRESHOLD`.
+    """
 
     def __init__(self, out_dir, jsonl: bool = True, overlays: bool = True, sr: bool = True,
-                 pacs: Optional[PacsConfig] = None, manufacturer: str = "ct-edge", report_threshold: float = 0.0):
+                 pacs: Optional[PacsConfig] = None, manufacturer: str = "ct-edge",
+                 report_threshold: Optional[float] = 0.0):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = JsonlWriter(self.out_dir) if jsonl else None
@@ -51,12 +60,21 @@ class SeriesExporter:
         self.manufacturer = manufacturer
         self.report_threshold = report_threshold
 
+    def threshold_for(self, report: SeriesReport) -> float:
+        """The probability from which ``report``'s findings are reported."""
+        if self.report_threshold is not None:
+            return self.report_threshold
+        if report.report_threshold is not None:
+            return report.report_threshold
+        return FALLBACK_REPORT_THRESHOLD
+
     def export(self, report: SeriesReport, recovering: bool = False) -> Dict[str, object]:
         """Write every enabled output; returns what was written (relative paths)."""
         failures: Dict[str, str] = {}
         written: Dict[str, object] = {}
         overlay_paths: Dict[int, str] = {}
-        reported = [f for f in report.findings if f.probability >= self.report_threshold]
+        threshold = self.threshold_for(report)
+        reported = [f for f in report.findings if f.probability >= threshold]
         if self.overlays:
             for f in reported:
                 try:

@@ -59,6 +59,7 @@ class SeriesReport:
     committed_at: str = ""
     timings_ms: Dict[str, float] = field(default_factory=dict)
     sources: Dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> spool file (private)
+    report_threshold: Optional[float] = None  # the model's (decode spec), recorded at commit; None: it had none
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -102,6 +103,7 @@ class SeriesReport:
             "closed_reason": self.closed_reason,
             "streamed": self.streamed,
             "model": dict(self.model),
+            "model_report_threshold": self.report_threshold,
             "committed_at": self.committed_at,
             "timings_ms": dict(self.timings_ms),
         }

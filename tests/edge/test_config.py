@@ -72,6 +72,8 @@ path = "/opt/models/student.onnx"
     ({"outputs": {"pacs": {"enabled": True}}}, "edge.toml: outputs.pacs.host is required"),
     ({"outputs": {"sr": False, "pacs": {"enabled": True, "host": "pacs"}}}, "edge.toml: outputs.pacs.enabled needs"),
     ({"metrics": {"port": 11112}}, "edge.toml: metrics.port 11112 is also scp.port"),
+    ({"outputs": {"report_threshold": "auto"}}, 'edge.toml: outputs.report_threshold must be "model" or a number'),
+    ({"outputs": {"report_threshold": 1.5}}, 'edge.toml: outputs.report_threshold must be "model" or a number'),
 ])
 def test_errors_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:
@@ -118,3 +120,9 @@ def test_the_example_config_loads_and_mentions_every_key():
 def test_the_example_config_shows_the_defaults():
     example = ROOT / "edge.example.toml"
     assert load_config(example) == config_from_dict({}, source=str(example), base_dir=example.parent)
+
+
+def test_report_threshold_is_the_models_unless_a_number_is_set():
+    assert config_from_dict({}, source="edge.toml").outputs.report_threshold == "model"
+    assert config_from_dict({"outputs": {"report_threshold": 0.3}}, source="edge.toml").outputs.report_threshold == 0.3
+    assert config_from_dict({"outputs": {"report_threshold": 1}}, source="edge.toml").outputs.report_threshold == 1.0

@@ -163,3 +163,22 @@ def test_queue_gauges_are_exported(build, tmp_path):
     text = pipeline.metrics.render().decode()
     queues = {labels["queue"] for name, labels, _ in parse_samples(text) if name == "ct_edge_queue_depth"}
     assert queues == {"decode", "preprocess", "infer", "output"}
+
+
+def test_each_outcome_carries_its_models_report_threshold(blob_runner, tmp_path):
+    import dataclasses
+
+    specs = ModelSpecs.from_metadata(blob_runner.custom_metadata())
+    assert specs.decode.report_threshold is None
+    tuned = dataclasses.replace(specs, decode=dataclasses.replace(specs.decode, report_threshold=0.37))
+    sink = CollectingSink()
+    pipeline = Pipeline(blob_runner, tuned, PipelineConfig(series_idle_s=30.0, reorder_timeout_s=0.2), sink,
+                        RuntimeMetrics(use_prometheus_client=False), batch_size=4).start()
+    try:
+        series = write_series(tmp_path / "a", n_slices=6, seed=3)
+        submit_files(pipeline, series.paths)
+        assert pipeline.close_all(timeout=30)
+    finally:
+        pipeline.stop()
+    (outcome,) = sink.commits
+    assert outcome.report_threshold == 0.37

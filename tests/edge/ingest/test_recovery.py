@@ -142,3 +142,17 @@ def test_a_second_result_for_finished_instances_is_not_committed(tmp_path):
     (payload,) = ledger.results(series_uid=series.series_uid, exported=True)[1:]
     assert payload["result_id"] == second and payload["sop_instance_uids"] == []
     assert ledger.get("9.9.9").result_id == second
+
+
+def test_the_committed_result_records_its_models_report_threshold(tmp_path):
+    """Recovery re-exports with the threshold of the model that made the result, not today's model."""
+    series = write_series(tmp_path / "src", n_slices=3)
+    ledger = Ledger(":memory:")
+    for u in series.sop_uids:
+        ledger.receive(u)
+    store = ResultStore(ledger, Spool(tmp_path / "spool"), None)
+    outcome = outcome_for(series)
+    outcome.report_threshold = 0.42
+    store.commit(outcome)
+    (payload,) = ledger.results(series_uid=series.series_uid)
+    assert payload["report_threshold"] == 0.42

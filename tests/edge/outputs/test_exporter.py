@@ -1,6 +1,8 @@
+import dataclasses
+
 import pydicom
 
-from edge.outputs.exporter import SeriesExporter
+from edge.outputs.exporter import FALLBACK_REPORT_THRESHOLD, SeriesExporter
 from edge.outputs.jsonl import FINDINGS_FILE, read_jsonl
 from outputs_helpers import ct_datasets, report_for
 
@@ -30,3 +32,22 @@ def _diameters(seq):
         if "ContentSequence" in item:
             found += _diameters(item.ContentSequence)
     return found
+
+
+def test_without_a_site_threshold_each_result_uses_its_models(tmp_path):
+    datasets = ct_datasets(n=3, size=32)
+    paths = []
+    for i, ds in enumerate(datasets):
+        p = tmp_path / f"in{i}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    report = report_for(datasets, findings=((3.0, -2.0, 2.0, 6.5, 0.91), (-5.0, 4.0, 2.0, 5.0, 0.2)), paths=paths)
+    models = dataclasses.replace(report, report_threshold=0.15)
+    exporter = SeriesExporter(tmp_path / "results", report_threshold=None)
+    assert exporter.threshold_for(models) == 0.15
+    assert exporter.threshold_for(report) == FALLBACK_REPORT_THRESHOLD  # a model without one
+    assert SeriesExporter(tmp_path / "r2", report_threshold=0.95).threshold_for(models) == 0.95  # the site's wins
+    written = exporter.export(models)
+    assert sorted(written["overlays"]) == [1, 2]
+    summary = read_jsonl(tmp_path / "results" / "series.jsonl")[0]
+    assert summary["model_report_threshold"] == 0.15
