@@ -137,3 +137,27 @@ def test_detect_cli_workers_and_threads(tmp_path, blob_model, capsys):
     with pytest.raises(SystemExit):
         main(["detect", str(tmp_path / "in"), "--workers", "0"])
     assert "--workers: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_model_with_a_rescorer_scores_its_findings_with_it(tmp_path):
+    import dataclasses
+    import math
+
+    from edge.decode.rescoring import FindingRescorer
+    from ingest_helpers import blob_specs
+
+    # a rescorer that prefers short tracks: the tube along z must come out below the sphere
+    rescorer = FindingRescorer(("log_depth_ratio_sq", "drift_per_z_span"), (0.0, 0.0), (1.0, 1.0), (-2.0, -1.0), 1.0)
+    specs = blob_specs()
+    model = build_blob_model(tmp_path / "rescored.onnx",
+                             dataclasses.replace(specs, decode=dataclasses.replace(specs.decode, rescorer=rescorer)))
+    tube = [Sphere(-20.0, 10.0, float(z)) for z in range(-40, 41)]
+    series = write_series(tmp_path / "in" / "a", n_slices=16, spheres=[Sphere(8.0, -6.0, 0.0)] + tube, seed=4)
+    out = tmp_path / "pred.csv"
+    assert main(["detect", str(tmp_path / "in"), "--model", str(model), "--out", str(out)]) == 0
+    rows = [r for r in csv.DictReader(open(out)) if r["seriesuid"] == series.series_uid]
+    nodule = max((r for r in rows if math.hypot(float(r["coordX"]) - 8.0, float(r["coordY"]) + 6.0) < 3.0),
+                 key=lambda r: float(r["probability"]))
+    vessel = max((r for r in rows if math.hypot(float(r["coordX"]) + 20.0, float(r["coordY"]) - 10.0) < 3.0),
+                 key=lambda r: float(r["probability"]))
+    assert float(nodule["probability"]) > 0.5 > float(vessel["probability"])
