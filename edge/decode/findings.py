@@ -10,6 +10,7 @@ All slices of a series must be parallel. Distances are measured in the slice
 plane, so tracks follow a nodule through gantry-tilted (oblique) series too.
 """
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import List, Optional
@@ -196,12 +197,12 @@ class SeriesFindingAggregator:
         extent = abs(last - first)
         max_score = float(scores.max())
         ends = _points([dets[0], dets[-1]])
-        measured = dict(
+        finding = Finding(
             x=float(centre[0]),
             y=float(centre[1]),
             z=float(centre[2]),
             diameter_mm=float(diameter),
-            probability=0.0,
+            probability=0.0,  # set below, from these measurements
             max_score=max_score,
             n_slices=len(dets),
             z_extent_mm=float(extent),
@@ -215,7 +216,7 @@ class SeriesFindingAggregator:
             drift_mm=float(_in_plane_distances(ends[:1], ends[1:])[0, 0]),
         )
         if self.spec.rescorer is not None:
-            measured["probability"] = self.spec.rescorer.probability(Finding(**measured))
+            probability = self.spec.rescorer.probability(finding)
         else:
-            measured["probability"] = shape_prior(max_score, extent, self._spacing, diameter, self.spec)
-        return Finding(**measured)
+            probability = shape_prior(max_score, extent, self._spacing, diameter, self.spec)
+        return dataclasses.replace(finding, probability=float(probability))
