@@ -32,7 +32,6 @@ FEATURE_NAMES = (
 )
 
 _SCORE_EPS = 1e-4
-_MIN_Z_SPAN_MM = 0.25  # a one-slice series has no spacing to measure
 
 
 def _logit(p: float) -> float:
@@ -41,9 +40,15 @@ def _logit(p: float) -> float:
 
 
 def finding_features(finding) -> np.ndarray:
-    """The :data:`FEATURE_NAMES` vector of one :class:`~edge.decode.findings.Finding`."""
-    z_span = max(finding.z_extent_mm + finding.slice_spacing_mm, _MIN_Z_SPAN_MM)
+    """The :data:`FEATURE_NAMES` vector of one :class:`~edge.decode.findings.Finding`.
+
+    A finding seen on a single slice of a single-slice series has no measurable
+    depth: it is taken as deep as it is wide (neutral), not as flat.
+    """
     diameter = max(finding.diameter_mm, 0.1)
+    z_span = finding.z_extent_mm + finding.slice_spacing_mm
+    if z_span <= 0:
+        z_span = diameter
     depth = math.log(z_span / diameter)
     fill = min(finding.n_slices * finding.slice_spacing_mm / z_span, 1.0) if finding.slice_spacing_mm > 0 else 1.0
     return np.array([

@@ -74,7 +74,11 @@ def test_features_of_a_one_slice_series_are_finite():
     agg.add_slice(0.0, [det(0.0, 0.0, 0.0, 5.0, 1.0)])
     (f,) = agg.flush()
     assert f.slice_spacing_mm == 0.0
-    assert np.all(np.isfinite(finding_features(f)))
+    features = finding_features(f)
+    assert np.all(np.isfinite(features))
+    # no depth to measure: neutral (as deep as wide), whole slab filled, no drift
+    for name, value in (("log_depth_ratio", 0.0), ("slice_fill", 1.0), ("drift_per_z_span", 0.0)):
+        assert features[FEATURE_NAMES.index(name)] == value
 
 
 def _rescorer(**weights):
