@@ -19,7 +19,8 @@ DEFAULT_PREPROCESS = PreprocessSpec(
 
 # A low threshold keeps the whole FROC curve; operating points are chosen downstream.
 # The 3-D shape prior (a nodule is about as deep as it is wide) was chosen by tools/tune_decode.py on
-# validation series (training scanner profiles), never on the test split: models/decode.json.
+# validation series (training scanner profiles), never on the test split; each released model then gets its own
+# decode spec with a false-positive rescorer (models/teacher/decode.json, models/student/decode.json).
 DEFAULT_DECODE = DecodeSpec(
     stride=OUTPUT_STRIDE,
     score_threshold=0.05,
