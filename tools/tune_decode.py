@@ -24,7 +24,6 @@ the runtime reports findings when the site does not set outputs.report_threshold
 """
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -72,11 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the whole grid (CPM per folder) here")
     args = p.parse_args(argv)
     try:
-        import numpy as np
-
         from edge.backends.onnxruntime_runner import open_onnxruntime_runner
-        from edge.decode.findings import shape_prior
-        from toolchain.evaluation.decode_tuning import AnnotatedFolder, detect_without_shape_prior, grid_search
+        from toolchain.evaluation.decode_tuning import AnnotatedFolder, detect_without_shape_prior, tune_decode_spec
 
         grid_me = parse_grid(args.max_elongation, "--max-elongation")
         grid_ms = parse_grid(args.min_z_span, "--min-z-span")
@@ -97,36 +93,17 @@ def main(argv=None) -> int:
         finally:
             runner.deactivate()
         # validated here, before anything is written: a bad grid value is a ConfigError naming the field
-        points = grid_search(found, folders, specs.decode, grid_me, grid_ms)
-        best = points[0]
-        tuned = dataclasses.replace(specs.decode, max_elongation=best.max_elongation, min_z_span=best.min_z_span,
-                                    rescorer=None)
-        from toolchain.evaluation.rescorer_fit import (cross_validated_probabilities, fit_rescorer_on,
-                                                       rescorer_trials, threshold_at)
-
-        nodules, scans = [f.nodules for f in folders], [f.scans for f in folders]
-        rescorer_rows = []
-        if args.rescorer:
-            rescorer_rows = rescorer_trials(found, nodules, scans, l2_values, args.folds)
-            top = max(rescorer_rows, key=lambda r: r["mean_cpm"])
-            if top["mean_cpm"] > best.mean_cpm:
-                tuned = dataclasses.replace(tuned, rescorer=fit_rescorer_on(found, nodules, top["l2"]))
-        if tuned.rescorer is not None:
-            probabilities = cross_validated_probabilities(found, nodules, top["l2"], args.folds)
-        else:
-            probabilities = [{uid: np.array([shape_prior(f.max_score, f.z_extent_mm, f.slice_spacing_mm,
-                                                         f.diameter_mm, tuned) for f in fs])
-                              for uid, fs in per_folder.items()} for per_folder in found]
-        threshold = threshold_at(found, probabilities, nodules, scans, args.report_fp_per_scan)
-        tuned = dataclasses.replace(tuned, report_threshold=round(min(threshold, 1.0), 6))
+        tuning = tune_decode_spec(found, folders, specs.decode, grid_me, grid_ms,
+                                  l2_values if args.rescorer else (), args.folds, args.report_fp_per_scan)
     except EdgeError as e:
         return report_user_error(e)
+    tuned, points, best = tuning.spec, tuning.grid, tuning.grid[0]
     names = " ".join(str(f.path) for f in folders)
     print(f"max_elongation min_z_span  mean CPM  CPM per folder ({names})")
     for pt in points:
         print(f"{str(pt.max_elongation):>14} {str(pt.min_z_span):>10}  {pt.mean_cpm:8.4f}  "
               + " ".join(f"{c:.4f}" for c in pt.cpm))
-    for row in rescorer_rows:
+    for row in tuning.rescorer_trials:
         print(f"rescorer l2 {row['l2']:>8g}  cross-validated mean CPM {row['mean_cpm']:.4f}  "
               + " ".join(f"{c:.4f}" for c in row["cpm"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -136,12 +113,13 @@ def main(argv=None) -> int:
             "model": str(args.model), "folders": [str(f.path) for f in folders],
             "grid": [dict(max_elongation=pt.max_elongation, min_z_span=pt.min_z_span, cpm=list(pt.cpm),
                           mean_cpm=pt.mean_cpm) for pt in points],
-            "rescorer_cross_validated": rescorer_rows, "folds": args.folds if args.rescorer else None,
+            "rescorer_cross_validated": tuning.rescorer_trials, "folds": args.folds if args.rescorer else None,
             "report_fp_per_scan": args.report_fp_per_scan,
             "chosen": tuned.to_dict()}, indent=1) + "\n")
     print(f"report_threshold {tuned.report_threshold:g}: {args.report_fp_per_scan:g} false positive(s) per scan "
           "on these series")
-    if tuned.rescorer is not None:
+    if tuning.rescorer_l2 is not None:
+        top = next(r for r in tuning.rescorer_trials if r["l2"] == tuning.rescorer_l2)
         print(f"chosen: the rescorer (l2 {top['l2']:g}, cross-validated mean CPM {top['mean_cpm']:.4f} > "
               f"{best.mean_cpm:.4f} of the best shape prior); decode spec written to {args.out}")
     else:

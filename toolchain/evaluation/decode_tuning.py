@@ -1,4 +1,5 @@
-"""Choose the decode spec's 3-D shape prior (``max_elongation``, ``min_z_span``) on validation series.
+"""Choose the decode spec on validation series: the 3-D shape prior (``max_elongation``, ``min_z_span``)
+or the false-positive rescorer (:mod:`toolchain.evaluation.rescorer_fit`), and the report threshold.
 
 The network runs once per series, with the shape prior switched off; every
 candidate prior then rescores the same findings (:func:`edge.decode.findings.shape_prior`
@@ -18,9 +19,11 @@ import numpy as np
 
 from edge.decode.findings import Finding, shape_prior
 from edge.decode.spec import DecodeSpec
-from edge.errors import InputError
+from edge.errors import ConfigError, InputError
 from toolchain.evaluation.froc import Candidates, Nodules, evaluate_froc
 from toolchain.evaluation.io import read_annotations, read_series_list
+from toolchain.evaluation.rescorer_fit import (cross_validated_probabilities, fit_rescorer_on, rescorer_trials,
+                                               threshold_at)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,48 @@ def grid_search(findings_per_folder: Sequence[Dict[str, List[Finding]]], folders
         points.append(GridPoint(me, ms, cpm))
     order = sorted(range(len(points)), key=lambda i: (-points[i].mean_cpm, i))
     return [points[i] for i in order]
+
+
+@dataclass(frozen=True)
+class DecodeTuning:
+    """What :func:`tune_decode_spec` chose, and the evidence."""
+
+    spec: DecodeSpec
+    grid: List[GridPoint]  # best first
+    rescorer_trials: List[dict]  # {"l2", "cpm" per folder, "mean_cpm"}, cross-validated; [] when not tried
+    rescorer_l2: Optional[float]  # the penalty of the rescorer in ``spec``; None: the shape prior was kept
+
+
+def tune_decode_spec(findings_per_folder: Sequence[Dict[str, List[Finding]]], folders: Sequence[AnnotatedFolder],
+                     base: DecodeSpec, max_elongations: Sequence[Optional[float]],
+                     min_z_spans: Sequence[Optional[float]], rescorer_l2: Sequence[float] = (), folds: int = 5,
+                     report_fp_per_scan: float = 1.0) -> DecodeTuning:
+    """The best shape prior of the grid; with ``rescorer_l2`` penalties, the rescorer instead when its
+    cross-validated mean CPM beats the prior's (scored in-sample, so the comparison favours the prior);
+    and the report threshold at ``report_fp_per_scan`` false positives per scan over all folders
+    (the rescorer's from its cross-validated probabilities)."""
+    if not report_fp_per_scan > 0:
+        raise ConfigError(f"report operating point must be > 0 false positives per scan, got {report_fp_per_scan}")
+    points = grid_search(findings_per_folder, folders, base, max_elongations, min_z_spans)
+    best = points[0]
+    spec = dataclasses.replace(base, max_elongation=best.max_elongation, min_z_span=best.min_z_span, rescorer=None)
+    nodules, scans = [f.nodules for f in folders], [f.scans for f in folders]
+    trials, chosen_l2 = [], None
+    if rescorer_l2:
+        trials = rescorer_trials(findings_per_folder, nodules, scans, rescorer_l2, folds)
+        top = max(trials, key=lambda r: r["mean_cpm"])
+        if top["mean_cpm"] > best.mean_cpm:
+            chosen_l2 = top["l2"]
+            spec = dataclasses.replace(spec, rescorer=fit_rescorer_on(findings_per_folder, nodules, chosen_l2))
+    if chosen_l2 is not None:
+        probabilities = cross_validated_probabilities(findings_per_folder, nodules, chosen_l2, folds)
+    else:
+        probabilities = [{uid: np.array([shape_prior(f.max_score, f.z_extent_mm, f.slice_spacing_mm, f.diameter_mm,
+                                                     spec) for f in found]) for uid, found in per_folder.items()}
+                         for per_folder in findings_per_folder]
+    threshold = threshold_at(findings_per_folder, probabilities, nodules, scans, report_fp_per_scan)
+    spec = dataclasses.replace(spec, report_threshold=round(min(threshold, 1.0), 6))
+    return DecodeTuning(spec, points, trials, chosen_l2)
 
 
 def detect_without_shape_prior(folder: AnnotatedFolder, runner, specs) -> Dict[str, List[Finding]]:
