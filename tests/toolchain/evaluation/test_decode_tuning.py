@@ -115,6 +115,7 @@ def test_cli_rescorer_is_fitted_cross_validated_and_kept_only_when_it_wins(tmp_p
     stdout, chosen, report = tune("none,1", tmp_path / "b")
     assert report["grid"][0]["mean_cpm"] == pytest.approx(1.0)
     assert chosen.rescorer is None and chosen.max_elongation == 1.0
+    assert 0.0 < chosen.report_threshold <= 1.0  # from the shape prior's probabilities
 
 
 def test_cli_bad_rescorer_option_is_one_line(tmp_path):
