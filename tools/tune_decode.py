@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Choose the decode spec's 3-D shape prior on VALIDATION series; write the tuned spec as JSON.
+"""Choose a model's decode spec on VALIDATION series (shape prior or false-positive rescorer, report threshold).
 
     python tools/tune_decode.py --model runs/onnx/teacher.onnx --data data/phantoms/val data/phantoms/tune \\
-        --out models/decode.json
-    python tools/export_onnx.py --checkpoint ... --decode models/decode.json --out ...
+        --rescorer --out models/teacher/decode.json --json models/teacher/decode_tuning.json
+    python tools/export_onnx.py --checkpoint ... --decode models/teacher/decode.json --out ...
 
 Each --data folder needs annotations.csv and series.csv (tools/make_dataset.py
 writes both). The network runs once per series; every (max_elongation,
