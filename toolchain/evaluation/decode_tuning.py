@@ -20,10 +20,10 @@ import numpy as np
 from edge.decode.findings import Finding, shape_prior
 from edge.decode.spec import DecodeSpec
 from edge.errors import ConfigError, InputError
-from toolchain.evaluation.froc import Candidates, Nodules, evaluate_froc
+from toolchain.evaluation.froc import Nodules
 from toolchain.evaluation.io import read_annotations, read_series_list
-from toolchain.evaluation.rescorer_fit import (cross_validated_probabilities, fit_rescorer_on, rescorer_trials,
-                                               threshold_at)
+from toolchain.evaluation.rescorer_fit import (cross_validated_probabilities, findings_cpm, fit_rescorer_on,
+                                               rescorer_trials, threshold_at)
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,15 @@ def shape_free(spec: DecodeSpec) -> DecodeSpec:
     return dataclasses.replace(spec, max_elongation=None, min_z_span=None, rescorer=None)
 
 
+def shape_prior_probabilities(findings: Dict[str, List[Finding]], spec: DecodeSpec) -> Dict[str, np.ndarray]:
+    """Per series UID, the probability ``spec``'s shape prior gives each finding (found without a prior)."""
+    return {uid: np.array([shape_prior(f.max_score, f.z_extent_mm, f.slice_spacing_mm, f.diameter_mm, spec)
+                           for f in found], float) for uid, found in findings.items()}
+
+
 def rescored_cpm(findings: Dict[str, List[Finding]], folder: AnnotatedFolder, spec: DecodeSpec) -> float:
     """CPM of ``findings`` (per series UID, found without a shape prior) under ``spec``'s prior."""
-    uids, centres, probs = [], [], []
-    for uid, found in findings.items():
-        for f in found:
-            uids.append(uid)
-            centres.append((f.x, f.y, f.z))
-            probs.append(shape_prior(f.max_score, f.z_extent_mm, f.slice_spacing_mm, f.diameter_mm, spec))
-    candidates = Candidates(tuple(uids), np.array(centres, float).reshape(-1, 3), np.array(probs, float))
-    return float(evaluate_froc(folder.nodules, candidates, folder.scans).cpm)
+    return findings_cpm(findings, shape_prior_probabilities(findings, spec), folder.nodules, folder.scans)
 
 
 def grid_search(findings_per_folder: Sequence[Dict[str, List[Finding]]], folders: Sequence[AnnotatedFolder],
@@ -117,9 +116,7 @@ def tune_decode_spec(findings_per_folder: Sequence[Dict[str, List[Finding]]], fo
     if chosen_l2 is not None:
         probabilities = cross_validated_probabilities(findings_per_folder, nodules, chosen_l2, folds)
     else:
-        probabilities = [{uid: np.array([shape_prior(f.max_score, f.z_extent_mm, f.slice_spacing_mm, f.diameter_mm,
-                                                     spec) for f in found]) for uid, found in per_folder.items()}
-                         for per_folder in findings_per_folder]
+        probabilities = [shape_prior_probabilities(per_folder, spec) for per_folder in findings_per_folder]
     threshold = threshold_at(findings_per_folder, probabilities, nodules, scans, report_fp_per_scan)
     spec = dataclasses.replace(spec, report_threshold=round(min(threshold, 1.0), 6))
     return DecodeTuning(spec, points, trials, chosen_l2)

@@ -78,7 +78,8 @@ def _folds_by_uid(findings_per_folder: Sequence[Dict[str, List[Finding]]], folds
     return {uid: n % folds for n, uid in enumerate(uids)}
 
 
-def _candidates(findings: Dict[str, List[Finding]], probabilities: Dict[str, np.ndarray]) -> Candidates:
+def findings_candidates(findings: Dict[str, List[Finding]], probabilities: Dict[str, np.ndarray]) -> Candidates:
+    """LUNA16 candidates: every finding's centre with its probability from ``probabilities`` (per series UID)."""
     uids, centres, probs = [], [], []
     for uid, found in findings.items():
         for f, p in zip(found, probabilities[uid]):
@@ -88,16 +89,17 @@ def _candidates(findings: Dict[str, List[Finding]], probabilities: Dict[str, np.
     return Candidates(tuple(uids), np.array(centres, float).reshape(-1, 3), np.array(probs, float))
 
 
-def _cpm(findings: Dict[str, List[Finding]], probabilities: Dict[str, np.ndarray], nodules: Nodules,
-         scans: Sequence[str]) -> float:
-    return float(evaluate_froc(nodules, _candidates(findings, probabilities), scans).cpm)
+def findings_cpm(findings: Dict[str, List[Finding]], probabilities: Dict[str, np.ndarray], nodules: Nodules,
+                 scans: Sequence[str]) -> float:
+    """CPM of ``findings`` scored with ``probabilities`` (per series UID, one per finding)."""
+    return float(evaluate_froc(nodules, findings_candidates(findings, probabilities), scans).cpm)
 
 
 def rescored_cpm(findings: Dict[str, List[Finding]], nodules: Nodules, scans: Sequence[str],
                  rescorer: FindingRescorer) -> float:
     """CPM of ``findings`` with every probability replaced by ``rescorer``'s."""
     probs = {uid: rescorer.probabilities(features_matrix(found)) for uid, found in findings.items()}
-    return _cpm(findings, probs, nodules, scans)
+    return findings_cpm(findings, probs, nodules, scans)
 
 
 def cross_validated_probabilities(findings_per_folder: Sequence[Dict[str, List[Finding]]],
@@ -136,7 +138,7 @@ def cross_validated_cpm(findings_per_folder: Sequence[Dict[str, List[Finding]]],
                         scans_per_folder: Sequence[Sequence[str]], l2: float, folds: int = 5) -> Tuple[float, ...]:
     """CPM per folder, each series rescored by a model fitted on the other folds' series (split by series UID)."""
     probs = cross_validated_probabilities(findings_per_folder, nodules_per_folder, l2, folds)
-    return tuple(_cpm(f, p, n, s) for f, p, n, s in zip(findings_per_folder, probs, nodules_per_folder,
+    return tuple(findings_cpm(f, p, n, s) for f, p, n, s in zip(findings_per_folder, probs, nodules_per_folder,
                                                           scans_per_folder))
 
 
@@ -153,7 +155,7 @@ def threshold_at(findings_per_folder: Sequence[Dict[str, List[Finding]]],
                       np.vstack([n.centers.reshape(-1, 3) for n in nodules_per_folder]),
                       np.concatenate([n.diameters for n in nodules_per_folder]))
     scans = [u for s in scans_per_folder for u in s]
-    pooled = match_candidates(nodules, _candidates(findings, probabilities), scans)
+    pooled = match_candidates(nodules, findings_candidates(findings, probabilities), scans)
     return threshold_at_fp_rate(pooled, fp_per_scan)
 
 

@@ -7,8 +7,8 @@ from edge.decode.findings import Finding
 from edge.decode.rescoring import FEATURE_NAMES
 from edge.errors import ConfigError
 from toolchain.evaluation.froc import Nodules
-from toolchain.evaluation.rescorer_fit import (cross_validated_cpm, finding_labels, fit_logistic, fit_rescorer,
-                                               rescored_cpm, threshold_at)
+from toolchain.evaluation.rescorer_fit import (cross_validated_cpm, finding_labels, findings_cpm, fit_logistic,
+                                               fit_rescorer, rescored_cpm, threshold_at)
 
 
 def finding(x, score, extent, diameter=10.0, spacing=1.0, drift=0.0):
@@ -63,8 +63,7 @@ def test_fitted_rescorer_demotes_vessels_and_cross_validation_shows_it():
     (cv,) = cross_validated_cpm([found], [nodules], [scans], l2=1.0, folds=4)
     assert cv == pytest.approx(1.0)
     # the raw scores rank both vessels of every series first: 2 FP/scan before the first nodule
-    from toolchain.evaluation.rescorer_fit import _cpm
-    raw = _cpm(found, {u: np.array([f.max_score for f in fs]) for u, fs in found.items()}, nodules, scans)
+    raw = findings_cpm(found, {u: np.array([f.max_score for f in fs]) for u, fs in found.items()}, nodules, scans)
     assert raw < 0.5
 
 
