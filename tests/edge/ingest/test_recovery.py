@@ -124,13 +124,18 @@ def test_committed_results_are_exported_exactly_once_after_a_crash(tmp_path, cra
     assert not list(spool.files())
 
 
-def test_a_second_result_for_finished_instances_is_not_committed(tmp_path):
-    """An instance queued twice (a restart racing a resend) must not get a second set of results."""
+def _received_series(tmp_path):
+    """A 3-slice series whose instances the ledger has received, and a result store without outputs."""
     series = write_series(tmp_path / "src", n_slices=3)
     ledger = Ledger(":memory:")
     for u in series.sop_uids:
         ledger.receive(u)
-    store = ResultStore(ledger, Spool(tmp_path / "spool"), None)
+    return series, ledger, ResultStore(ledger, Spool(tmp_path / "spool"), None)
+
+
+def test_a_second_result_for_finished_instances_is_not_committed(tmp_path):
+    """An instance queued twice (a restart racing a resend) must not get a second set of results."""
+    series, ledger, store = _received_series(tmp_path)
     first = store.commit(outcome_for(series))
     assert first is not None
     assert store.commit(outcome_for(series)) is None
@@ -146,11 +151,7 @@ def test_a_second_result_for_finished_instances_is_not_committed(tmp_path):
 
 def test_the_committed_result_records_its_models_report_threshold(tmp_path):
     """Recovery re-exports with the threshold of the model that made the result, not today's model."""
-    series = write_series(tmp_path / "src", n_slices=3)
-    ledger = Ledger(":memory:")
-    for u in series.sop_uids:
-        ledger.receive(u)
-    store = ResultStore(ledger, Spool(tmp_path / "spool"), None)
+    series, ledger, store = _received_series(tmp_path)
     outcome = outcome_for(series)
     outcome.report_threshold = 0.42
     store.commit(outcome)

@@ -7,14 +7,19 @@ from edge.outputs.jsonl import FINDINGS_FILE, read_jsonl
 from outputs_helpers import ct_datasets, report_for
 
 
-def test_report_threshold_limits_overlays_and_sr_but_jsonl_keeps_every_candidate(tmp_path):
+def _two_findings(tmp_path):
+    """A result over three CT files on disk with findings at probability 0.91 (6.5 mm) and 0.2 (5 mm)."""
     datasets = ct_datasets(n=3, size=32)
     paths = []
     for i, ds in enumerate(datasets):
         p = tmp_path / f"in{i}.dcm"
         ds.save_as(p, enforce_file_format=True)
         paths.append(p)
-    report = report_for(datasets, findings=((3.0, -2.0, 2.0, 6.5, 0.91), (-5.0, 4.0, 2.0, 5.0, 0.2)), paths=paths)
+    return report_for(datasets, findings=((3.0, -2.0, 2.0, 6.5, 0.91), (-5.0, 4.0, 2.0, 5.0, 0.2)), paths=paths)
+
+
+def test_report_threshold_limits_overlays_and_sr_but_jsonl_keeps_every_candidate(tmp_path):
+    report = _two_findings(tmp_path)
     out = tmp_path / "results"
     written = SeriesExporter(out, report_threshold=0.5).export(report)
     assert sorted(written["overlays"]) == [1]
@@ -35,13 +40,7 @@ def _diameters(seq):
 
 
 def test_without_a_site_threshold_each_result_uses_its_models(tmp_path):
-    datasets = ct_datasets(n=3, size=32)
-    paths = []
-    for i, ds in enumerate(datasets):
-        p = tmp_path / f"in{i}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    report = report_for(datasets, findings=((3.0, -2.0, 2.0, 6.5, 0.91), (-5.0, 4.0, 2.0, 5.0, 0.2)), paths=paths)
+    report = _two_findings(tmp_path)
     models = dataclasses.replace(report, report_threshold=0.15)
     exporter = SeriesExporter(tmp_path / "results", report_threshold=None)
     assert exporter.threshold_for(models) == 0.15
