@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--init", help="start from this checkpoint's weights (fine-tuning; fresh optimizer and schedule)")
+    p.add_argument("--positive-sampling", choices=("slice", "nodule"), default="slice",
+                   help="positive crops: every nodule core slice equally (slice, default), or every nodule "
+                        "equally, so small nodules are seen as often as large ones (nodule)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -32,7 +35,8 @@ def main(argv=None) -> int:
 
         ckpt = train_detector(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               seed=args.seed, threads=args.threads, resume=args.resume,
-                              progress=not args.no_progress, init=args.init)
+                              progress=not args.no_progress, init=args.init,
+                              positive_sampling=args.positive_sampling)
     except EdgeError as e:
         return report_user_error(e)
     print(f"best checkpoint: {ckpt}")

@@ -53,22 +53,26 @@ def load_initial_weights(model: torch.nn.Module, path) -> None:
 
 
 def train_detector(data_dir, out_dir, arch=None, steps=3000, batch_size=16, lr=2e-3, seed=0, threads=0,
-                   resume=False, progress=True, name="teacher", init=None) -> Path:
-    """Train a detector; ``init`` starts from a checkpoint's weights (same architecture) with a fresh schedule."""
+                   resume=False, progress=True, name="teacher", init=None, positive_sampling="slice") -> Path:
+    """Train a detector; ``init`` starts from a checkpoint's weights (same architecture) with a fresh schedule.
+
+    ``positive_sampling`` is :class:`AugmentConfig`'s: "slice" or "nodule" (small nodules as often as large ones).
+    """
     arch = dict(arch or TEACHER_ARCH)
     spec, decode = DEFAULT_PREPROCESS, DEFAULT_DECODE
     torch.manual_seed(seed)
     model = build_model(arch)
     if init is not None:
         load_initial_weights(model, init)
-    sampler, val_sampler = build_samplers(data_dir, spec, decode.stride)
+    sampler, val_sampler = build_samplers(data_dir, spec, decode.stride,
+                                          AugmentConfig(positive_sampling=positive_sampling))
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads)
     extra = {
         "arch": arch,
         "preprocess": spec.to_dict(),
         "decode": decode.to_dict(),
         "card": {"name": name, "parameters": count_parameters(model), "data": str(data_dir), "seed": seed,
-                 "init": str(init) if init is not None else None},
+                 "init": str(init) if init is not None else None, "positive_sampling": positive_sampling},
     }
     trainer = Trainer(model, sampler, val_sampler, cfg, out_dir, extra, progress=progress)
     last = Path(out_dir) / "last.pt"

@@ -4,8 +4,15 @@ Geometry is augmented by one affine warp per crop, and the nodule centres go
 through the same affine, so targets stay exact. Intensity augmentation works
 on the unit-range windowed planes (it stands for scanner calibration, dose and
 reconstruction-kernel differences).
+
+Positive crops are centred on a nodule core. ``positive_sampling="slice"`` draws
+one of all (slice, nodule core) pairs, so a 20 mm nodule seen on a dozen slices
+is drawn a dozen times as often as a 4 mm one seen on one; ``"nodule"`` draws a
+nodule first and then one of its core slices, so small nodules are seen as
+often as large ones.
 """
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
@@ -13,13 +20,14 @@ import cv2
 import numpy as np
 
 from toolchain.training.slice_cache import CachedSeries
-from toolchain.training.targets import SliceNodule, make_slice_targets
+from toolchain.training.targets import CORE_FRACTION, SliceNodule, make_slice_targets
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
     crop: int = 128
     positive_fraction: float = 0.5
+    positive_sampling: str = "slice"  # "slice" or "nodule" (see the module docstring)
     rotate_deg: float = 180.0
     scale_range: Tuple[float, float] = (0.8, 1.25)
     noise_sigma_max: float = 0.06
@@ -42,17 +50,34 @@ class CropSampler:
         self.stride = stride
         self.fill = fill_value
         self.cfg = cfg
-        self.positives = [
-            (si, k) for si, s in enumerate(self.series) for k, ns in enumerate(s.nodules)
-            if any(n[3] <= 0.7 for n in ns)
-        ]
+        if cfg.positive_sampling not in ("slice", "nodule"):
+            raise ValueError(f"positive_sampling must be 'slice' or 'nodule', not {cfg.positive_sampling!r}")
+        # a positive is drawn as a group of (series, slice, entry) core views, then one view of the group:
+        # "slice" groups the cores on one slice, "nodule" the slices of one nodule
+        self.positives = self._nodule_cores() if cfg.positive_sampling == "nodule" else self._slice_cores()
+
+    def _slice_cores(self) -> List[List[Tuple[int, int, int]]]:
+        groups = ([(si, k, e) for e, n in enumerate(ns) if n[3] <= CORE_FRACTION]
+                  for si, s in enumerate(self.series) for k, ns in enumerate(s.nodules))
+        return [g for g in groups if g]
+
+    def _nodule_cores(self) -> List[List[Tuple[int, int, int]]]:
+        cores = defaultdict(list)
+        for si, s in enumerate(self.series):
+            if s.nodule_ids is None:
+                raise ValueError(f"series {s.series_uid}: nodule_ids are needed for positive_sampling='nodule'")
+            for k, (ns, ids) in enumerate(zip(s.nodules, s.nodule_ids)):
+                for e, (n, nid) in enumerate(zip(ns, ids)):
+                    if n[3] <= CORE_FRACTION:
+                        cores[(si, nid)].append((si, k, e))
+        return [cores[key] for key in sorted(cores)]
 
     def sample(self, rng: np.random.Generator):
         cfg = self.cfg
         if self.positives and rng.random() < cfg.positive_fraction:
-            si, k = self.positives[rng.integers(len(self.positives))]
-            cands = [n for n in self.series[si].nodules[k] if n[3] <= 0.7]
-            n = cands[rng.integers(len(cands))]
+            views = self.positives[rng.integers(len(self.positives))]
+            si, k, e = views[rng.integers(len(views))]
+            n = self.series[si].nodules[k][e]
             jitter = rng.uniform(-0.35, 0.35, 2) * cfg.crop
             centre = (n[0] + jitter[0], n[1] + jitter[1])
         else:

@@ -11,7 +11,7 @@ import csv
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -30,6 +30,8 @@ class CachedSeries:
     spacing_mm: float  # median distance between slices
     # per slice: list of (row, col, diameter_px, dz_fraction) in model-input pixels
     nodules: List[List[tuple]]
+    # per slice, parallel to ``nodules``: which annotation of the series each entry is (None: not known)
+    nodule_ids: Optional[List[List[int]]] = None
 
 
 def read_annotations(path) -> Dict[str, List[tuple]]:
@@ -61,9 +63,10 @@ def cache_split(split_dir, spec: PreprocessSpec) -> List[CachedSeries]:
         planes = np.stack([pre.preprocess_frame(f) for f in frames]).astype(np.float16)
         locations = np.array([f.geometry.slice_location for f in frames])
         per_slice = [[] for _ in frames]
+        ids = [[] for _ in frames]
         resamples = [spec.resample_geometry(f.geometry.rows, f.geometry.columns, f.geometry.pixel_spacing)
                      for f in frames]
-        for x, y, z, d in annotations.get(g.series_uid, []):
+        for nid, (x, y, z, d) in enumerate(annotations.get(g.series_uid, [])):
             for k, f in enumerate(frames):
                 geo = f.geometry
                 dz = float(np.dot(np.array([x, y, z]) - np.asarray(geo.position), geo.normal))
@@ -75,6 +78,7 @@ def cache_split(split_dir, spec: PreprocessSpec) -> List[CachedSeries]:
                 r_in, c_in = rs.to_output(float(row), float(col))
                 mm_per_px = 0.5 * (rs.scale_y * geo.pixel_spacing[0] + rs.scale_x * geo.pixel_spacing[1])
                 per_slice[k].append((float(r_in), float(c_in), d / mm_per_px, frac))
+                ids[k].append(nid)
         spacing = float(np.median(np.abs(np.diff(locations)))) if len(locations) > 1 else 1.0
-        out.append(CachedSeries(g.series_uid, planes, locations, spacing, per_slice))
+        out.append(CachedSeries(g.series_uid, planes, locations, spacing, per_slice, ids))
     return out

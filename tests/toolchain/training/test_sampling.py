@@ -43,3 +43,52 @@ def test_sharpening_overshoots_at_edges_and_keeps_flat_areas():
     b = sharp._crop(sharp.series[0], 2, (48.0, 48.0), np.random.default_rng(4))[0]
     assert b.max() > a.max() + 0.02  # overshoot on the bright side of the edge
     assert np.allclose(a[:, 32, 2:8], b[:, 32, 2:8], atol=1e-4)  # far from the edge: unchanged
+
+
+def two_nodule_series(with_ids: bool = True) -> CachedSeries:
+    """A 9-slice series: a large nodule cored on every slice, a small one (id 1) on slice 4 only."""
+    planes = np.full((9, 1, 96, 96), 0.2, np.float16)
+    nodules = [[(30.0, 30.0, 20.0, 0.1)] for _ in range(9)]
+    ids = [[0] for _ in range(9)]
+    nodules[4].append((70.0, 70.0, 3.0, 0.2))
+    ids[4].append(1)
+    return CachedSeries("1.2.4", planes, np.arange(9) * 2.0, 2.0, nodules, ids if with_ids else None)
+
+
+def small_nodule_share(mode: str, draws: int = 2000) -> float:
+    s = CropSampler([two_nodule_series()], slices=3, stride=2, fill_value=0.0,
+                    cfg=AugmentConfig(crop=64, positive_sampling=mode))
+    rng = np.random.default_rng(0)
+    small = 0
+    for _ in range(draws):
+        views = s.positives[rng.integers(len(s.positives))]
+        si, k, e = views[rng.integers(len(views))]
+        small += s.series[si].nodules[k][e][2] < 10
+    return small / draws
+
+
+def test_nodule_sampling_draws_a_small_nodule_as_often_as_a_large_one():
+    # slice mode: 10 core views, 1 of them small (drawn via slice 4 half the time: 1/9 * 1/2)
+    assert abs(small_nodule_share("slice") - 1 / 18) < 0.02
+    assert abs(small_nodule_share("nodule") - 0.5) < 0.04
+
+
+def test_slice_sampling_groups_the_cores_of_one_slice():
+    s = CropSampler([two_nodule_series()], slices=3, stride=2, fill_value=0.0, cfg=AugmentConfig(crop=64))
+    assert len(s.positives) == 9 and s.positives[4] == [(0, 4, 0), (0, 4, 1)]
+
+
+def test_nodule_sampling_groups_the_slices_of_one_nodule_and_skips_grazing_slices():
+    series = two_nodule_series()
+    series.nodules[0][0] = (30.0, 30.0, 20.0, 0.9)  # the slice only grazes the large nodule
+    s = CropSampler([series], slices=3, stride=2, fill_value=0.0, cfg=AugmentConfig(crop=64, positive_sampling="nodule"))
+    assert s.positives == [[(0, k, 0) for k in range(1, 9)], [(0, 4, 1)]]
+
+
+def test_nodule_sampling_needs_nodule_ids_and_a_known_mode():
+    with pytest.raises(ValueError, match="nodule_ids"):
+        CropSampler([two_nodule_series(with_ids=False)], slices=3, stride=2, fill_value=0.0,
+                    cfg=AugmentConfig(positive_sampling="nodule"))
+    with pytest.raises(ValueError, match="positive_sampling"):
+        CropSampler([two_nodule_series()], slices=3, stride=2, fill_value=0.0,
+                    cfg=AugmentConfig(positive_sampling="lesion"))
