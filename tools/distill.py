@@ -26,6 +26,7 @@ from edge.errors import EdgeError, report_user_error  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     from toolchain.compression.distill import HEATMAP_LOSSES, DistillConfig
+    from toolchain.training.sampling import POSITIVE_SAMPLING_HELP, POSITIVE_SAMPLING_MODES
 
     d = DistillConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: default)")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--positive-sampling", choices=POSITIVE_SAMPLING_MODES, default="slice", help=POSITIVE_SAMPLING_HELP)
     g = p.add_argument_group("distillation")
     g.add_argument("--heatmap-loss", choices=HEATMAP_LOSSES, default=d.heatmap_loss,
                    help="focal_mse: focal-weighted MSE on sigmoid maps; kl: channel-wise KL (default %(default)s)")
@@ -73,7 +75,8 @@ def run(args) -> Path:
                       checkpoint_every=args.checkpoint_every, val_every=args.val_every)
     return train_student_from_files(args.student, args.data, args.out, cfg, teacher_path=args.teacher,
                                     scratch=args.scratch, distill=distill, name=args.name,
-                                    progress=not args.no_progress, resume=args.resume)
+                                    progress=not args.no_progress, resume=args.resume,
+                                    positive_sampling=args.positive_sampling)
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge.errors import EdgeError, report_user_error  # noqa: E402
+from toolchain.training.sampling import POSITIVE_SAMPLING_HELP, POSITIVE_SAMPLING_MODES  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -25,9 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--init", help="start from this checkpoint's weights (fine-tuning; fresh optimizer and schedule)")
-    p.add_argument("--positive-sampling", choices=("slice", "nodule"), default="slice",
-                   help="positive crops: every nodule core slice equally (slice, default), or every nodule "
-                        "equally, so small nodules are seen as often as large ones (nodule)")
+    p.add_argument("--positive-sampling", choices=POSITIVE_SAMPLING_MODES, default="slice", help=POSITIVE_SAMPLING_HELP)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:

@@ -129,14 +129,17 @@ def student_mode(teacher_path, scratch: bool) -> str:
 
 def train_student_from_files(student_path, data_dir, out_dir, cfg: TrainConfig, teacher_path=None,
                              scratch: bool = False, distill: DistillConfig = DistillConfig(),
-                             name: Optional[str] = None, progress: bool = True, resume: bool = False) -> Path:
+                             name: Optional[str] = None, progress: bool = True, resume: bool = False,
+                             positive_sampling: str = "slice") -> Path:
     """:func:`train_student` from checkpoints and a dataset folder; joins torchrun's process group when launched by it.
 
     The student's architecture (and, unless ``scratch``, its weights) come from
     ``student_path`` (e.g. ``tools/prune.py``'s pruned.pt); the teacher must
-    take the same input (same preprocess spec).
+    take the same input (same preprocess spec). ``positive_sampling``: see
+    :class:`toolchain.training.sampling.AugmentConfig`.
     """
     from toolchain.training.run import build_samplers
+    from toolchain.training.sampling import AugmentConfig
 
     mode = student_mode(teacher_path, scratch)
     distill.check()
@@ -153,9 +156,10 @@ def train_student_from_files(student_path, data_dir, out_dir, cfg: TrainConfig, 
             if teacher_specs.preprocess != specs.preprocess:
                 raise InputError(Path(teacher_path), f"teacher's preprocess spec differs from the student's "
                                                      f"({student_path}); distillation needs the same input")
-        sampler, val_sampler = build_samplers(data_dir, specs.preprocess, specs.decode.stride)
+        sampler, val_sampler = build_samplers(data_dir, specs.preprocess, specs.decode.stride,
+                                              AugmentConfig(positive_sampling=positive_sampling))
         card = {"name": name or f"student-{mode}", "mode": mode, "student_init": str(student_path),
-                "teacher": str(teacher_path) if teacher_path else None}
+                "teacher": str(teacher_path) if teacher_path else None, "positive_sampling": positive_sampling}
         return train_student(student, specs, sampler, val_sampler, cfg, out_dir, teacher=teacher, distill=distill,
                              card=card, ctx=ctx, progress=progress, resume=resume)
     finally:

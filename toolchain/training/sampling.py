@@ -23,6 +23,11 @@ from toolchain.training.slice_cache import CachedSeries
 from toolchain.training.targets import CORE_FRACTION, SliceNodule, make_slice_targets
 
 
+POSITIVE_SAMPLING_MODES = ("slice", "nodule")
+POSITIVE_SAMPLING_HELP = ("positive crops: every nodule core slice equally (slice, default), or every nodule equally, "
+                          "so small nodules are seen as often as large ones (nodule)")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     crop: int = 128
@@ -50,8 +55,8 @@ class CropSampler:
         self.stride = stride
         self.fill = fill_value
         self.cfg = cfg
-        if cfg.positive_sampling not in ("slice", "nodule"):
-            raise ValueError(f"positive_sampling must be 'slice' or 'nodule', not {cfg.positive_sampling!r}")
+        if cfg.positive_sampling not in POSITIVE_SAMPLING_MODES:
+            raise ValueError(f"positive_sampling must be one of {POSITIVE_SAMPLING_MODES}, not {cfg.positive_sampling!r}")
         # a positive is drawn as a group of (series, slice, entry) core views, then one view of the group:
         # "slice" groups the cores on one slice, "nodule" the slices of one nodule
         self.positives = self._nodule_cores() if cfg.positive_sampling == "nodule" else self._slice_cores()

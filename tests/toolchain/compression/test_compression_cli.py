@@ -22,10 +22,17 @@ def load_tool(name):
 
 @pytest.fixture
 def synthetic_data(monkeypatch):
-    """build_samplers(data_dir, ...) -> crops from cached synthetic series, whatever the folder."""
+    """build_samplers(data_dir, ...) -> crops from cached synthetic series, whatever the folder; yields the cfgs."""
     import toolchain.training.run as run
 
-    monkeypatch.setattr(run, "build_samplers", lambda data_dir, spec, stride, cfg=None: (make_sampler(0), None))
+    cfgs = []
+
+    def build_samplers(data_dir, spec, stride, cfg=None):
+        cfgs.append(cfg)
+        return make_sampler(0), None
+
+    monkeypatch.setattr(run, "build_samplers", build_samplers)
+    return cfgs
 
 
 def test_prune_then_distill_then_resume(tmp_path, teacher_checkpoint, synthetic_data, capsys):
@@ -50,9 +57,12 @@ def test_prune_then_distill_then_resume(tmp_path, teacher_checkpoint, synthetic_
     assert "resumed at step 1" in capsys.readouterr().out
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["card"]["mode"] == "distilled" and ckpt["card"]["name"] == "student-distilled"
-    assert distill.main(common + ["--scratch", "--out", str(tmp_path / "s"), "--steps", "1"]) == 0
+    assert ckpt["card"]["positive_sampling"] == "slice" and synthetic_data[-1].positive_sampling == "slice"
+    assert distill.main(common + ["--scratch", "--out", str(tmp_path / "s"), "--steps", "1",
+                                  "--positive-sampling", "nodule"]) == 0
     scratch = torch.load(tmp_path / "s" / "last.pt", weights_only=True)
     assert scratch["card"]["mode"] == "scratch" and scratch["card"]["distill"] is None
+    assert scratch["card"]["positive_sampling"] == "nodule" and synthetic_data[-1].positive_sampling == "nodule"
     assert scratch["arch"] == ckpt["arch"]
 
 
