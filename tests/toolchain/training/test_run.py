@@ -1,3 +1,6 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,3 +32,23 @@ def test_initial_weights_from_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x00not a checkpoint")
     with pytest.raises(InputError, match="junk.pt.*not a training checkpoint"):
         load_initial_weights(CenterNetUNet(3, [8, 16], 8), tmp_path / "junk.pt")
+
+
+def test_train_detector_passes_the_positive_sampling_on_and_records_it(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compression"))
+    from compression_helpers import make_sampler
+
+    import toolchain.training.run as run
+
+    cfgs = []
+
+    def build_samplers(data_dir, spec, stride, cfg=None):
+        cfgs.append(cfg)
+        return make_sampler(0), None
+
+    monkeypatch.setattr(run, "build_samplers", build_samplers)
+    arch = {"in_channels": 3, "widths": [8, 16], "head_width": 8}
+    run.train_detector("unused", tmp_path, arch=arch, steps=1, batch_size=2, progress=False,
+                       positive_sampling="nodule")
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert cfgs[0].positive_sampling == "nodule" and ckpt["card"]["positive_sampling"] == "nodule"
