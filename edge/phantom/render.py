@@ -9,7 +9,7 @@ built chunk by chunk and only over the body's bounding box.
 """
 
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -23,11 +23,28 @@ CHUNK_FINE_PLANES = 48
 
 @dataclass
 class TubeLayer:
-    """A tube set drawn with one HU value, composited in list order."""
+    """A tube set drawn with one HU value, composited in list order.
+
+    ``yields_to_nodules``: a nodule displaces the layer where they overlap (airways:
+    a nodule growing around a bronchus fills it; without this the air lumen would
+    erase the nodule). Vessels do not yield: they run into and through nodules.
+    """
 
     name: str
     tubes: TubeSet
     hu: float
+    yields_to_nodules: bool = False
+
+
+def composite_layers(hu: np.ndarray, layers: Sequence[TubeLayer], fractions: Sequence[Optional[np.ndarray]],
+                     nodule_fraction: Optional[np.ndarray]) -> None:
+    """Draw tube layers (occupancy ``fractions``, None: absent) over ``hu`` (nodules already in it), in place."""
+    for layer, occ in zip(layers, fractions):
+        if occ is None:
+            continue
+        if layer.yields_to_nodules and nodule_fraction is not None:
+            occ = occ * (1.0 - nodule_fraction)
+        hu += occ * (np.float32(layer.hu) - hu)
 
 
 def slab_weights(z_centres: np.ndarray, thickness: float, z_fine: np.ndarray, step: float) -> np.ndarray:
@@ -87,12 +104,11 @@ class SceneRenderer:
                     nod_v = self._average(w, val, 1.0)
             for g, i in enumerate(idx):
                 hu_crop, body_crop = self.plane.render(float(zc[g]))
-                if nod_f is not None and nod_f[g] is not None:
-                    hu_crop *= 1.0 - nod_f[g]
+                nodule_g = nod_f[g] if nod_f is not None else None
+                if nodule_g is not None:
+                    hu_crop *= 1.0 - nodule_g
                     hu_crop += nod_v[g]
-                for layer, avg in zip(self.layers, averaged):
-                    if avg is not None and avg[g] is not None:
-                        hu_crop += avg[g] * (np.float32(layer.hu) - hu_crop)
+                composite_layers(hu_crop, self.layers, [a[g] if a is not None else None for a in averaged], nodule_g)
                 hu = self.background.copy()
                 hu[r0:r1, c0:c1] = hu_crop
                 body = np.zeros(hu.shape, np.float32)

@@ -200,8 +200,8 @@ def generate_series(
     layers = [
         TubeLayer("arteries", trees.arteries, t.blood_pulmonary),
         TubeLayer("veins", trees.veins, t.blood_vein),
-        TubeLayer("airway_wall", trees.airway_wall, t.airway_wall),
-        TubeLayer("airway_lumen", trees.airway_lumen, AIR_HU + 10.0),
+        TubeLayer("airway_wall", trees.airway_wall, t.airway_wall, yields_to_nodules=True),
+        TubeLayer("airway_lumen", trees.airway_lumen, AIR_HU + 10.0, yields_to_nodules=True),
         TubeLayer("cartilage", bones.cartilage, t.cartilage),
         TubeLayer("cortex", bones.cortex, t.cortex),
         TubeLayer("marrow", bones.marrow, t.trabecular),

@@ -6,7 +6,7 @@ import pytest
 from edge.phantom.anatomy import sample_anatomy
 from edge.phantom.lungmap import LungMap
 from edge.phantom.nodules import make_shape, place_nodules, render_nodule
-from edge.phantom.render import slab_weights
+from edge.phantom.render import TubeLayer, composite_layers, slab_weights
 from edge.phantom.shapes import TubeSet
 from edge.phantom.vessels import build_lung_trees, place_hila
 
@@ -92,3 +92,20 @@ def test_nodule_rendering_has_the_kind_s_attenuation(kind, lo, hi):
     assert lo <= np.median(hu) <= hi
     if kind == "part_solid":
         assert hu.max() - hu.min() > 250  # solid core inside ground glass
+
+
+def test_airways_yield_to_a_nodule_and_vessels_do_not():
+    empty = TubeSet.empty()
+    lumen = TubeLayer("airway_lumen", empty, -1014.0, yields_to_nodules=True)
+    artery = TubeLayer("artery", empty, 40.0)
+    nodule_hu = np.array([50.0, 50.0, -850.0], np.float32)  # nodule, nodule, lung
+    nodule_fraction = np.array([1.0, 0.5, 0.0], np.float32)
+    hu = nodule_hu.copy()
+    composite_layers(hu, [lumen], [np.ones(3, np.float32)], nodule_fraction)
+    assert hu[0] == 50.0 and -1014.0 < hu[1] < 50.0 and hu[2] == -1014.0  # partial volume at the nodule's edge
+    hu = nodule_hu.copy()
+    composite_layers(hu, [artery, lumen], [np.ones(3, np.float32), None], nodule_fraction)
+    assert np.all(hu == 40.0)
+    hu = nodule_hu.copy()
+    composite_layers(hu, [lumen], [np.ones(3, np.float32)], None)
+    assert np.all(hu == -1014.0)
