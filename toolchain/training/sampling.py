@@ -6,10 +6,10 @@ on the unit-range windowed planes (it stands for scanner calibration, dose and
 reconstruction-kernel differences).
 
 Positive crops are centred on a nodule core. ``positive_sampling="slice"`` draws
-one of all (slice, nodule core) pairs, so a 20 mm nodule seen on a dozen slices
-is drawn a dozen times as often as a 4 mm one seen on one; ``"nodule"`` draws a
-nodule first and then one of its core slices, so small nodules are seen as
-often as large ones.
+a slice that shows a core (then one of its cores), so a 20 mm nodule seen on a
+dozen slices is drawn a dozen times as often as a 4 mm one seen on one;
+``"nodule"`` draws a nodule first and then one of its core slices, so small
+nodules are seen as often as large ones.
 """
 
 from collections import defaultdict
