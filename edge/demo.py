@@ -115,15 +115,12 @@ def run_demo(opts: DemoOptions) -> Iterator[str]:
     n_slices = sum(s.get("n_slices", 0) for s in summaries)
     yield (f"runtime: {counts['processed']} instances processed, {counts['rejected']} rejected, "
            f"{n_slices} slices in {elapsed:.1f} s ({n_slices / max(elapsed, 1e-9):.1f} slices/s end to end)")
-    from edge.outputs.exporter import FALLBACK_REPORT_THRESHOLD
+    from edge.outputs.exporter import report_threshold_for
 
     hits = misses = fps = 0
     thresholds = set()
     for s in summaries:
-        threshold = opts.report_threshold
-        if threshold is None:
-            threshold = s.get("model_report_threshold")
-            threshold = FALLBACK_REPORT_THRESHOLD if threshold is None else threshold
+        threshold = report_threshold_for(opts.report_threshold, s.get("model_report_threshold"))
         thresholds.add(threshold)
         series = truth.get(s["series_uid"])
         findings = by_result[s["result_id"]]

@@ -40,6 +40,13 @@ class ExportError(EdgeError):
 FALLBACK_REPORT_THRESHOLD = 0.5  # for results of models whose decode spec has no report_threshold
 
 
+def report_threshold_for(site: Optional[float], model: Optional[float]) -> float:
+    """The probability from which findings are reported: the site's setting, else the model's, else the fallback."""
+    if site is not None:
+        return site
+    return FALLBACK_REPORT_THRESHOLD if model is None else model
+
+
 class SeriesExporter:
     """Writes series results under ``out_dir``; each output can be switched off.
 
@@ -62,11 +69,7 @@ class SeriesExporter:
 
     def threshold_for(self, report: SeriesReport) -> float:
         """The probability from which ``report``'s findings are reported."""
-        if self.report_threshold is not None:
-            return self.report_threshold
-        if report.report_threshold is not None:
-            return report.report_threshold
-        return FALLBACK_REPORT_THRESHOLD
+        return report_threshold_for(self.report_threshold, report.report_threshold)
 
     def export(self, report: SeriesReport, recovering: bool = False) -> Dict[str, object]:
         """Write every enabled output; returns what was written (relative paths)."""
