@@ -39,6 +39,17 @@ def make_sampler(seed: int = 0) -> CropSampler:
                        cfg=AugmentConfig(crop=SIZE))
 
 
+def recording_build_samplers(cfgs: list):
+    """A stand-in for ``toolchain.training.run.build_samplers``: synthetic crops whatever the folder; each
+    call's AugmentConfig is appended to ``cfgs``."""
+
+    def build_samplers(data_dir, spec, stride, cfg=None):
+        cfgs.append(cfg)
+        return make_sampler(0), None
+
+    return build_samplers
+
+
 def tiny_specs() -> ModelSpecs:
     return ModelSpecs(PreprocessSpec(out_height=SIZE, out_width=SIZE, slices=3), DecodeSpec(stride=2),
                       {"name": "tiny"})

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compression_helpers import make_sampler
+from compression_helpers import recording_build_samplers
 from toolchain.compression.arch import conv_widths_of
 from toolchain.export.onnx_export import load_checkpoint
 
@@ -26,12 +26,7 @@ def synthetic_data(monkeypatch):
     import toolchain.training.run as run
 
     cfgs = []
-
-    def build_samplers(data_dir, spec, stride, cfg=None):
-        cfgs.append(cfg)
-        return make_sampler(0), None
-
-    monkeypatch.setattr(run, "build_samplers", build_samplers)
+    monkeypatch.setattr(run, "build_samplers", recording_build_samplers(cfgs))
     return cfgs
 
 

@@ -36,17 +36,12 @@ def test_initial_weights_from_a_file_that_is_not_a_checkpoint(tmp_path):
 
 def test_train_detector_passes_the_positive_sampling_on_and_records_it(tmp_path, monkeypatch):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compression"))
-    from compression_helpers import make_sampler
+    from compression_helpers import recording_build_samplers
 
     import toolchain.training.run as run
 
     cfgs = []
-
-    def build_samplers(data_dir, spec, stride, cfg=None):
-        cfgs.append(cfg)
-        return make_sampler(0), None
-
-    monkeypatch.setattr(run, "build_samplers", build_samplers)
+    monkeypatch.setattr(run, "build_samplers", recording_build_samplers(cfgs))
     arch = {"in_channels": 3, "widths": [8, 16], "head_width": 8}
     run.train_detector("unused", tmp_path, arch=arch, steps=1, batch_size=2, progress=False,
                        positive_sampling="nodule")

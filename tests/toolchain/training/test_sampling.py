@@ -55,9 +55,12 @@ def two_nodule_series(with_ids: bool = True) -> CachedSeries:
     return CachedSeries("1.2.4", planes, np.arange(9) * 2.0, 2.0, nodules, ids if with_ids else None)
 
 
+def sampler_of(series: CachedSeries, **cfg) -> CropSampler:
+    return CropSampler([series], slices=3, stride=2, fill_value=0.0, cfg=AugmentConfig(crop=64, **cfg))
+
+
 def small_nodule_share(mode: str, draws: int = 2000) -> float:
-    s = CropSampler([two_nodule_series()], slices=3, stride=2, fill_value=0.0,
-                    cfg=AugmentConfig(crop=64, positive_sampling=mode))
+    s = sampler_of(two_nodule_series(), positive_sampling=mode)
     rng = np.random.default_rng(0)
     small = 0
     for _ in range(draws):
@@ -74,21 +77,19 @@ def test_nodule_sampling_draws_a_small_nodule_as_often_as_a_large_one():
 
 
 def test_slice_sampling_groups_the_cores_of_one_slice():
-    s = CropSampler([two_nodule_series()], slices=3, stride=2, fill_value=0.0, cfg=AugmentConfig(crop=64))
+    s = sampler_of(two_nodule_series())
     assert len(s.positives) == 9 and s.positives[4] == [(0, 4, 0), (0, 4, 1)]
 
 
 def test_nodule_sampling_groups_the_slices_of_one_nodule_and_skips_grazing_slices():
     series = two_nodule_series()
     series.nodules[0][0] = (30.0, 30.0, 20.0, 0.9)  # the slice only grazes the large nodule
-    s = CropSampler([series], slices=3, stride=2, fill_value=0.0, cfg=AugmentConfig(crop=64, positive_sampling="nodule"))
+    s = sampler_of(series, positive_sampling="nodule")
     assert s.positives == [[(0, k, 0) for k in range(1, 9)], [(0, 4, 1)]]
 
 
 def test_nodule_sampling_needs_nodule_ids_and_a_known_mode():
     with pytest.raises(ValueError, match="nodule_ids"):
-        CropSampler([two_nodule_series(with_ids=False)], slices=3, stride=2, fill_value=0.0,
-                    cfg=AugmentConfig(positive_sampling="nodule"))
+        sampler_of(two_nodule_series(with_ids=False), positive_sampling="nodule")
     with pytest.raises(ValueError, match="positive_sampling"):
-        CropSampler([two_nodule_series()], slices=3, stride=2, fill_value=0.0,
-                    cfg=AugmentConfig(positive_sampling="lesion"))
+        sampler_of(two_nodule_series(), positive_sampling="lesion")
