@@ -100,10 +100,14 @@ def conv_widths_of(model: CenterNetUNet) -> Dict[str, int]:
 
 def arch_of(model: CenterNetUNet) -> dict:
     """The architecture dict that rebuilds ``model`` with :func:`build_from_widths` (JSON-serialisable)."""
-    cw = conv_widths_of(model)
-    levels = len(model.enc)
+    return arch_from_conv_widths(int(model.stem[0].in_channels), len(model.enc), conv_widths_of(model))
+
+
+def arch_from_conv_widths(in_channels: int, levels: int, conv_widths: Mapping[str, int]) -> dict:
+    """The architecture dict of a ``levels``-level model with every conv's output width given."""
+    cw = dict(conv_widths)
     return {
-        "in_channels": int(model.stem[0].in_channels),
+        "in_channels": int(in_channels),
         "widths": [cw[f"enc.{i}.block.1.0"] for i in range(levels)],
         "head_width": max(cw[f"{h}.conv.0"] for h in HEAD_NAMES),
         CONV_WIDTHS_KEY: cw,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from edge.errors import ConfigError
-from toolchain.compression.arch import HEAD_NAMES, arch_of, build_from_widths, conv_widths_of
+from toolchain.compression.arch import HEAD_NAMES, arch_from_conv_widths, build_from_widths, conv_widths_of
 from toolchain.models.centernet_unet import CenterNetUNet
 
 NETWORK_INPUT = None  # the source of the stem: the image, whose channels never change
@@ -83,14 +83,11 @@ def widen(model: CenterNetUNet, widths: Mapping[str, int], seed: int = 0) -> Cen
     """
     new_widths = check_widths(model, widths)
     old_widths = conv_widths_of(model)
-    arch = dict(arch_of(model), conv_widths=new_widths)
-    arch["widths"] = [new_widths[f"enc.{i}.block.1.0"] for i in range(len(model.enc))]
-    arch["head_width"] = max(new_widths[f"{h}.conv.0"] for h in HEAD_NAMES)
+    in_channels = int(model.stem[0].in_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        wide = build_from_widths(arch)
+        wide = build_from_widths(arch_from_conv_widths(in_channels, len(model.enc), new_widths))
     old_modules, new_modules = dict(model.named_modules()), dict(wide.named_modules())
-    in_channels = int(model.stem[0].in_channels)
     with torch.no_grad():
         for name, sources in conv_input_sources(len(model.enc)).items():
             in_map: List[int] = []

@@ -1,5 +1,8 @@
 """Tiny synthetic data and models for the compression tests (no DICOM: cached planes made here)."""
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -12,6 +15,7 @@ from toolchain.training.slice_cache import CachedSeries
 from toolchain.training.trainer import TrainConfig
 
 SIZE = 64
+ROOT = Path(__file__).resolve().parents[3]
 TEACHER_WIDTHS = (16, 24, 32)
 
 
@@ -81,3 +85,11 @@ class InterruptingSampler:
             raise Interrupted("stopped after the given number of crops")
         self.calls -= 1
         return self.sampler.sample(rng)
+
+
+def load_tool(name):
+    """A script of tools/ as a module (its ``main(argv)`` is the CLI)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,23 +1,11 @@
 """tools/prune.py and tools/distill.py end to end, on synthetic crops instead of a DICOM dataset."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-from compression_helpers import recording_build_samplers
+from compression_helpers import load_tool, recording_build_samplers
 from toolchain.compression.arch import conv_widths_of
 from toolchain.export.onnx_export import load_checkpoint
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

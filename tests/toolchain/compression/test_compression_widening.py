@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from compression_helpers import tiny_specs, tiny_teacher
+from compression_helpers import load_tool, tiny_specs, tiny_teacher
 from edge.errors import ConfigError
-from test_compression_cli import load_tool
 from toolchain.compression.arch import CONV_WIDTHS_KEY, build_from_widths, conv_widths_of
 from toolchain.compression.checkpoint import save_checkpoint
 from toolchain.compression.widening import (
