@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher score above which its size/offset are imitated (default %(default)s)")
     g.add_argument("--feature-weight", type=float, default=d.feature_weight,
                    help="last decoder feature imitation through a 1x1 adapter; 0 disables (default %(default)s)")
+    g.add_argument("--peak-weight", type=float, default=d.peak_weight,
+                   help="score matching at either network's peak cells, every peak weighted equally, so small "
+                        "nodules count as much as large ones; 0 disables (default %(default)s)")
+    g.add_argument("--peak-threshold", type=float, default=d.peak_threshold,
+                   help="score from which a 3x3 local maximum is a peak (default %(default)s)")
     g.add_argument("--task-weight", type=float, default=d.task_weight)
     g.add_argument("--gamma", type=float, default=d.gamma, help="focal_mse modulation (default %(default)s)")
     g.add_argument("--temperature", type=float, default=d.temperature, help="kl temperature (default %(default)s)")
@@ -70,7 +75,8 @@ def run(args) -> Path:
     distill = DistillConfig(task_weight=args.task_weight, heatmap_weight=args.heatmap_weight,
                             heatmap_loss=args.heatmap_loss, gamma=args.gamma, temperature=args.temperature,
                             regression_weight=args.regression_weight, confidence=args.confidence,
-                            feature_weight=args.feature_weight)
+                            feature_weight=args.feature_weight, peak_weight=args.peak_weight,
+                            peak_threshold=args.peak_threshold)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
                       checkpoint_every=args.checkpoint_every, val_every=args.val_every)
     return train_student_from_files(args.student, args.data, args.out, cfg, teacher_path=args.teacher,

@@ -9,6 +9,12 @@ Terms (all on the output grid; the teacher runs in eval mode without gradients):
   heatmap mass, i.e. per nodule), or ``kl`` -- channel-wise distillation: per
   channel, a softmax over all cells of the logits at temperature T, KL(teacher
   || student) x T^2 (Shu et al., 2021);
+* peaks (optional): at the cells the decoder reads as peaks -- 3x3 local
+  maxima scoring >= ``peak_threshold`` in either network's map -- the
+  Bernoulli KL from the teacher's score to the student's, averaged over those
+  cells, so every candidate counts the same whatever its size (the dense
+  heatmap term is dominated by large nodules, whose peaks cover many cells,
+  while a 4 mm nodule is one cell);
 * size/offset: L1 to the teacher's maps at cells where the teacher is
   confident (sigmoid >= ``confidence``), weighted by the teacher's score -- the
   teacher's regression carries information wherever it sees a nodule, not only
@@ -42,17 +48,22 @@ class DistillConfig:
     size_weight: float = 0.1  # within the regression term, as detection_loss weighs size
     confidence: float = 0.3
     feature_weight: float = 0.0  # 0: no feature imitation (no adapter)
+    peak_weight: float = 0.0  # 0: no peak matching
+    peak_threshold: float = 0.05  # the decoder's default score threshold
 
     def check(self) -> None:
         if self.heatmap_loss not in HEATMAP_LOSSES:
             raise ConfigError(f"heatmap loss must be one of {', '.join(HEATMAP_LOSSES)}, got {self.heatmap_loss!r}")
-        for name in ("task_weight", "heatmap_weight", "regression_weight", "size_weight", "feature_weight", "gamma"):
+        for name in ("task_weight", "heatmap_weight", "regression_weight", "size_weight", "feature_weight", "gamma",
+                     "peak_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if not 0.0 < self.confidence < 1.0:
             raise ConfigError(f"confidence must be in (0, 1), got {self.confidence}")
+        if not 0.0 < self.peak_threshold < 1.0:
+            raise ConfigError(f"peak threshold must be in (0, 1), got {self.peak_threshold}")
 
 
 def heatmap_focal_mse(student_logits, teacher_logits, gamma: float = 1.0):
@@ -70,6 +81,22 @@ def heatmap_channel_kl(student_logits, teacher_logits, temperature: float = 1.0)
     s = F.log_softmax(student_logits.reshape(n * c, -1) / temperature, dim=1)
     t = F.log_softmax(teacher_logits.reshape(n * c, -1) / temperature, dim=1)
     return F.kl_div(s, t, log_target=True, reduction="sum") * temperature ** 2 / (n * c)
+
+
+def peak_cells(prob, threshold: float, kernel: int = 3):
+    """Boolean map of the cells the decoder would read as peaks: ``kernel`` local maxima >= ``threshold``."""
+    return (prob == F.max_pool2d(prob, kernel, 1, kernel // 2)) & (prob >= threshold)
+
+
+def peak_matching(student_logits, teacher_logits, threshold: float):
+    """Bernoulli KL(teacher || student) at either network's peak cells, each peak weighted equally (0 if none)."""
+    pt = torch.sigmoid(teacher_logits)
+    with torch.no_grad():
+        mask = (peak_cells(pt, threshold) | peak_cells(torch.sigmoid(student_logits), threshold)).to(pt.dtype)
+    # cross-entropy minus the teacher's own entropy: 0 exactly where the scores agree
+    kl = (F.binary_cross_entropy_with_logits(student_logits, pt, reduction="none")
+          - F.binary_cross_entropy_with_logits(teacher_logits, pt, reduction="none"))
+    return (kl * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def confident_regression(student, teacher, teacher_prob, confidence: float):
@@ -167,6 +194,10 @@ class DistillLoss:
                   + confident_regression(off, t_off, t_prob, cfg.confidence))
         total = total + cfg.heatmap_weight * kd_hm + cfg.regression_weight * kd_reg
         parts.update(kd_heatmap=kd_hm.item(), kd_regression=kd_reg.item())
+        if cfg.peak_weight > 0:
+            kd_peak = peak_matching(hm, t_hm, cfg.peak_threshold)
+            total = total + cfg.peak_weight * kd_peak
+            parts["kd_peak"] = kd_peak.item()
         if cfg.feature_weight > 0:
             if feat is None:
                 raise ValueError("feature imitation needs a StudentNet with an adapter")

@@ -12,6 +12,8 @@ from toolchain.compression.distill import (
     heatmap_channel_kl,
     heatmap_focal_mse,
     make_adapter,
+    peak_cells,
+    peak_matching,
 )
 from toolchain.compression.pruning import prune_by_ratio
 from toolchain.compression.student import ADAPTER_KEY, StudentTrainer, reinitialized, student_mode, train_student
@@ -34,6 +36,53 @@ def test_heatmap_terms_vanish_only_when_the_student_matches():
     assert float(heatmap_focal_mse(s, t)) > 0.0 and float(heatmap_channel_kl(s, t)) > 0.0
 
 
+def _logit(p):
+    p = torch.as_tensor(p, dtype=torch.float32)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def test_peak_cells_are_local_maxima_over_the_threshold():
+    prob = torch.full((1, 1, 6, 6), 0.01)
+    prob[0, 0, 1, 1] = 0.6
+    prob[0, 0, 1, 2] = 0.4  # next to a higher cell: not a peak
+    prob[0, 0, 4, 4] = 0.04  # a local maximum under the threshold
+    cells = peak_cells(prob, 0.05)
+    assert cells.sum() == 1 and bool(cells[0, 0, 1, 1])
+
+
+def test_peak_matching_weighs_every_peak_the_same_and_ignores_other_cells():
+    ring = torch.maximum((torch.arange(7)[:, None] - 3).abs(), (torch.arange(7)[None, :] - 3).abs())  # Chebyshev
+    teacher = torch.full((1, 1, 12, 12), 0.001)
+    teacher[0, 0, 2:9, 2:9] = 0.9 - 0.1 * ring  # a large nodule: a 7x7 blob with one peak (0.9)
+    teacher[0, 0, 10, 10] = 0.6  # a small nodule: one cell
+    t = _logit(teacher)
+    assert float(peak_matching(t, t, 0.05)) == pytest.approx(0.0, abs=1e-6)
+    s = t.clone()
+    s[0, 0, 2:9, 2:9] = _logit(0.9 - 0.12 * ring)  # every blob cell but its peak differs: no new peak
+    assert float(peak_matching(s, t, 0.05)) == pytest.approx(0.0, abs=1e-6)
+    small_missed = t.clone()
+    small_missed[0, 0, 10, 10] = _logit(0.01)  # the student misses the small nodule
+    large_missed = t.clone()
+    large_missed[0, 0, 2:9, 2:9] = _logit(0.01)  # ... or the whole large one
+    kl = lambda p, q: p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))  # noqa: E731
+    # two peaks in the teacher's map, none added by the student: each miss is half the mean KL
+    assert float(peak_matching(small_missed, t, 0.05)) == pytest.approx(kl(0.6, 0.01) / 2, rel=1e-4)
+    assert float(peak_matching(large_missed, t, 0.05)) == pytest.approx(kl(0.9, 0.01) / 2, rel=1e-4)
+    spurious = t.clone()
+    spurious[0, 0, 0, 11] = _logit(0.4)  # a student peak where the teacher sees nothing
+    assert float(peak_matching(spurious, t, 0.05)) == pytest.approx(kl(0.001, 0.4) / 3, rel=1e-4)
+
+
+def test_peak_matching_trains_the_student_only():
+    t = _logit(torch.tensor([[[[0.01, 0.01, 0.01], [0.01, 0.8, 0.01], [0.01, 0.01, 0.01]]]]))
+    s = t.clone()
+    s[0, 0, 1, 1] = _logit(0.2)
+    s.requires_grad_(True)
+    peak_matching(s, t, 0.05).backward()
+    assert s.grad[0, 0, 1, 1] < 0  # raise the student's score at the teacher's peak
+    assert float(s.grad.abs().sum() - s.grad[0, 0, 1, 1].abs()) == 0.0
+
+
 def test_regression_imitation_counts_only_confident_cells():
     prob = torch.zeros(1, 1, 4, 4)
     prob[0, 0, 1, 2] = 0.9
@@ -49,6 +98,7 @@ def test_regression_imitation_counts_only_confident_cells():
 @pytest.mark.parametrize("cfg", [
     DistillConfig(),
     DistillConfig(heatmap_loss="kl", temperature=2.0, feature_weight=0.1),
+    DistillConfig(peak_weight=1.0),
 ])
 def test_distillation_loss_decreases_on_a_fixed_batch_and_leaves_the_teacher_alone(cfg, sampler):
     teacher = tiny_teacher(seed=1).eval()
@@ -89,6 +139,10 @@ def test_bad_settings_are_config_errors():
         DistillConfig(heatmap_loss="l2").check()
     with pytest.raises(ConfigError, match="confidence"):
         DistillConfig(confidence=1.5).check()
+    with pytest.raises(ConfigError, match="peak threshold"):
+        DistillConfig(peak_threshold=0.0).check()
+    with pytest.raises(ConfigError, match="peak_weight"):
+        DistillConfig(peak_weight=-1.0).check()
     with pytest.raises(ConfigError, match="scratch"):
         student_mode("teacher.pt", scratch=True)
     assert student_mode(None, scratch=True) == "scratch" and student_mode("t.pt", False) == "distilled"
