@@ -33,6 +33,7 @@ from torch import nn
 
 from edge.errors import ConfigError
 from toolchain.training.losses import detection_loss
+from toolchain.training.recipes import DEFAULT_DECODE
 
 HEATMAP_LOSSES = ("focal_mse", "kl")
 
@@ -49,7 +50,7 @@ class DistillConfig:
     confidence: float = 0.3
     feature_weight: float = 0.0  # 0: no feature imitation (no adapter)
     peak_weight: float = 0.0  # 0: no peak matching
-    peak_threshold: float = 0.05  # the decoder's default score threshold
+    peak_threshold: float = DEFAULT_DECODE.score_threshold  # where the models' decoder starts reading peaks
 
     def check(self) -> None:
         if self.heatmap_loss not in HEATMAP_LOSSES:
@@ -83,8 +84,12 @@ def heatmap_channel_kl(student_logits, teacher_logits, temperature: float = 1.0)
     return F.kl_div(s, t, log_target=True, reduction="sum") * temperature ** 2 / (n * c)
 
 
-def peak_cells(prob, threshold: float, kernel: int = 3):
-    """Boolean map of the cells the decoder would read as peaks: ``kernel`` local maxima >= ``threshold``."""
+def peak_cells(prob, threshold: float, kernel: int = DEFAULT_DECODE.nms_kernel):
+    """Boolean map of the cells the decoder would read as peaks: ``kernel`` local maxima >= ``threshold``.
+
+    The torch counterpart of :func:`edge.decode.peaks.local_maxima` (NumPy, on the device) for training
+    batches, except that every cell of a plateau counts (the decoder keeps the first in raster order).
+    """
     return (prob == F.max_pool2d(prob, kernel, 1, kernel // 2)) & (prob >= threshold)
 
 
