@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: default)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the networks run (cuda: a GPU PyTorch can see; one process; not bitwise "
+                        "reproducible)")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="fit the schedule to this many seconds of training (fewer steps on a slow machine; "
+                        "0: off, the default)")
+    p.add_argument("--cache-workers", type=int, default=1, help="processes decoding the series before training")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--positive-sampling", choices=POSITIVE_SAMPLING_MODES, default="slice", help=POSITIVE_SAMPLING_HELP)
@@ -78,11 +85,12 @@ def run(args) -> Path:
                             feature_weight=args.feature_weight, peak_weight=args.peak_weight,
                             peak_threshold=args.peak_threshold)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
-                      checkpoint_every=args.checkpoint_every, val_every=args.val_every)
+                      checkpoint_every=args.checkpoint_every, val_every=args.val_every, device=args.device,
+                      time_budget_s=args.time_budget)
     return train_student_from_files(args.student, args.data, args.out, cfg, teacher_path=args.teacher,
                                     scratch=args.scratch, distill=distill, name=args.name,
                                     progress=not args.no_progress, resume=args.resume,
-                                    positive_sampling=args.positive_sampling)
+                                    positive_sampling=args.positive_sampling, cache_workers=args.cache_workers)
 
 
 def main(argv=None) -> int:

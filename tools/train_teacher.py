@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the teacher detector on the phantom training split (CPU).
+"""Train the teacher detector on the phantom training split (CPU; ``--device cuda`` on a GPU).
 
     python tools/train_teacher.py --data data/phantoms --out runs/teacher [--steps 3000] [--resume]
     python tools/train_teacher.py --data data/phantoms --out runs/teacher_ft --init runs/teacher/last.pt --lr 5e-4
@@ -24,6 +24,12 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the network trains (cuda: a GPU PyTorch can see; not bitwise reproducible)")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="fit the schedule to this many seconds of training (fewer steps on a slow machine; "
+                        "0: off, the default)")
+    p.add_argument("--cache-workers", type=int, default=1, help="processes decoding the series before training")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--init", help="start from this checkpoint's weights (fine-tuning; fresh optimizer and schedule)")
     p.add_argument("--positive-sampling", choices=POSITIVE_SAMPLING_MODES, default="slice", help=POSITIVE_SAMPLING_HELP)
@@ -35,7 +41,8 @@ def main(argv=None) -> int:
         ckpt = train_detector(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                               seed=args.seed, threads=args.threads, resume=args.resume,
                               progress=not args.no_progress, init=args.init,
-                              positive_sampling=args.positive_sampling)
+                              positive_sampling=args.positive_sampling, device=args.device,
+                              time_budget_s=args.time_budget, cache_workers=args.cache_workers)
     except EdgeError as e:
         return report_user_error(e)
     print(f"best checkpoint: {ckpt}")

@@ -21,7 +21,7 @@ from toolchain.compression.checkpoint import checkpoint_extra
 from toolchain.compression.ddp import DistContext, RankSampler, barrier, init_distributed, shutdown, unwrap, wrap
 from toolchain.compression.distill import DistillConfig, DistillLoss, StudentNet, make_adapter
 from toolchain.export.onnx_export import load_checkpoint
-from toolchain.training.trainer import TrainConfig, Trainer
+from toolchain.training.trainer import TrainConfig, Trainer, cpu_state, resumed_total_steps
 
 ADAPTER_KEY = "feature_adapter"  # training-only weights, ignored by export
 
@@ -53,10 +53,10 @@ class StudentTrainer(Trainer):
             return
         net = self.net
         state = dict(self.extra)
-        state.update(state_dict=net.student.state_dict(), optimizer=self.opt.state_dict(), step=self.step,
-                     best_val=self.best_val, train_config=asdict(self.cfg))
+        state.update(state_dict=cpu_state(net.student), optimizer=self.opt.state_dict(), step=self.step,
+                     total_steps=self.total_steps, best_val=self.best_val, train_config=asdict(self.cfg))
         if net.adapter is not None:
-            state[ADAPTER_KEY] = net.adapter.state_dict()
+            state[ADAPTER_KEY] = cpu_state(net.adapter)
         tmp = self.out / (name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.out / name)
@@ -73,12 +73,20 @@ class StudentTrainer(Trainer):
             net.adapter.load_state_dict(state[ADAPTER_KEY])
         self.opt.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.total_steps = resumed_total_steps(state, self.cfg)
         self.best_val = float(state.get("best_val", float("inf")))
 
     def close(self) -> None:
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None
+
+
+def check_run(cfg: TrainConfig, ctx: DistContext) -> None:
+    """ConfigError for a training config this process cannot run (before any data is read)."""
+    cfg.check()
+    if ctx.distributed and cfg.device != "cpu":
+        raise ConfigError("data-parallel runs use gloo on CPUs; drop --device cuda or run one process")
 
 
 def reinitialized(model, seed: int):
@@ -97,7 +105,10 @@ def train_student(student, specs: ModelSpecs, sampler, val_sampler, cfg: TrainCo
     steps, ``best.pt`` on validation); ``resume`` continues from ``last.pt``.
     """
     out = Path(out_dir)
+    check_run(cfg, ctx)
     torch.manual_seed(cfg.seed)
+    if teacher is not None:
+        teacher.to(cfg.device)
     adapter = make_adapter(student, teacher) if teacher is not None and distill.feature_weight > 0 else None
     net = wrap(StudentNet(student.train(), adapter), ctx)
     if ctx.distributed:
@@ -130,7 +141,7 @@ def student_mode(teacher_path, scratch: bool) -> str:
 def train_student_from_files(student_path, data_dir, out_dir, cfg: TrainConfig, teacher_path=None,
                              scratch: bool = False, distill: DistillConfig = DistillConfig(),
                              name: Optional[str] = None, progress: bool = True, resume: bool = False,
-                             positive_sampling: str = "slice") -> Path:
+                             positive_sampling: str = "slice", cache_workers: int = 1) -> Path:
     """:func:`train_student` from checkpoints and a dataset folder; joins torchrun's process group when launched by it.
 
     The student's architecture (and, unless ``scratch``, its weights) come from
@@ -145,6 +156,7 @@ def train_student_from_files(student_path, data_dir, out_dir, cfg: TrainConfig, 
     distill.check()
     ctx = init_distributed()
     try:
+        check_run(cfg, ctx)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         student, specs = load_checkpoint(student_path)
@@ -157,9 +169,10 @@ def train_student_from_files(student_path, data_dir, out_dir, cfg: TrainConfig, 
                 raise InputError(Path(teacher_path), f"teacher's preprocess spec differs from the student's "
                                                      f"({student_path}); distillation needs the same input")
         sampler, val_sampler = build_samplers(data_dir, specs.preprocess, specs.decode.stride,
-                                              AugmentConfig(positive_sampling=positive_sampling))
+                                              AugmentConfig(positive_sampling=positive_sampling), cache_workers)
         card = {"name": name or f"student-{mode}", "mode": mode, "student_init": str(student_path),
-                "teacher": str(teacher_path) if teacher_path else None, "positive_sampling": positive_sampling}
+                "teacher": str(teacher_path) if teacher_path else None, "positive_sampling": positive_sampling,
+                "device": cfg.device}
         return train_student(student, specs, sampler, val_sampler, cfg, out_dir, teacher=teacher, distill=distill,
                              card=card, ctx=ctx, progress=progress, resume=resume)
     finally:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from edge.errors import InputError
+from edge.errors import ConfigError, InputError
 from edge.preprocess.reference import window_to_unit_range
 from toolchain.models.centernet_unet import build_model, count_parameters
 from toolchain.training.recipes import DEFAULT_DECODE, DEFAULT_PREPROCESS, TEACHER_ARCH
@@ -19,14 +19,17 @@ def _fill_value(spec) -> float:
     return float(window_to_unit_range(spec.fill_hu, spec.windows[0]))
 
 
-def build_samplers(data_dir, spec, stride: int, cfg: Optional[AugmentConfig] = None):
+def build_samplers(data_dir, spec, stride: int, cfg: Optional[AugmentConfig] = None, workers: int = 1):
+    """Training and validation crop samplers from a dataset folder (``workers``: decoding processes)."""
     data_dir = Path(data_dir)
+    if workers < 1:
+        raise ConfigError(f"cache workers must be >= 1 (got {workers})")
     for split in ("train", "val"):
         if not (data_dir / split / "annotations.csv").is_file():
             raise InputError(data_dir / split, "missing split (expected annotations.csv from tools/make_dataset.py)")
     t0 = time.time()
-    train = cache_split(data_dir / "train", spec)
-    val = cache_split(data_dir / "val", spec)
+    train = cache_split(data_dir / "train", spec, workers)
+    val = cache_split(data_dir / "val", spec, workers)
     if not train:
         raise InputError(data_dir / "train", "no usable series")
     print(f"cached {len(train)} train / {len(val)} val series "
@@ -53,11 +56,16 @@ def load_initial_weights(model: torch.nn.Module, path) -> None:
 
 
 def train_detector(data_dir, out_dir, arch=None, steps=3000, batch_size=16, lr=2e-3, seed=0, threads=0,
-                   resume=False, progress=True, name="teacher", init=None, positive_sampling="slice") -> Path:
+                   resume=False, progress=True, name="teacher", init=None, positive_sampling="slice",
+                   device="cpu", time_budget_s=0.0, cache_workers=1) -> Path:
     """Train a detector; ``init`` starts from a checkpoint's weights (same architecture) with a fresh schedule.
 
     ``positive_sampling`` is :class:`AugmentConfig`'s: "slice" or "nodule" (small nodules as often as large ones).
+    ``device``, ``time_budget_s``: :class:`TrainConfig`'s; ``cache_workers``: processes decoding the series.
     """
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads, device=device,
+                      time_budget_s=time_budget_s)
+    cfg.check()
     arch = dict(arch or TEACHER_ARCH)
     spec, decode = DEFAULT_PREPROCESS, DEFAULT_DECODE
     torch.manual_seed(seed)
@@ -65,14 +73,14 @@ def train_detector(data_dir, out_dir, arch=None, steps=3000, batch_size=16, lr=2
     if init is not None:
         load_initial_weights(model, init)
     sampler, val_sampler = build_samplers(data_dir, spec, decode.stride,
-                                          AugmentConfig(positive_sampling=positive_sampling))
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads)
+                                          AugmentConfig(positive_sampling=positive_sampling), cache_workers)
     extra = {
         "arch": arch,
         "preprocess": spec.to_dict(),
         "decode": decode.to_dict(),
         "card": {"name": name, "parameters": count_parameters(model), "data": str(data_dir), "seed": seed,
-                 "init": str(init) if init is not None else None, "positive_sampling": positive_sampling},
+                 "init": str(init) if init is not None else None, "positive_sampling": positive_sampling,
+                 "device": device},
     }
     trainer = Trainer(model, sampler, val_sampler, cfg, out_dir, extra, progress=progress)
     last = Path(out_dir) / "last.pt"

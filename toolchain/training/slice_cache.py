@@ -45,40 +45,58 @@ def read_annotations(path) -> Dict[str, List[tuple]]:
     return out
 
 
-def cache_split(split_dir, spec: PreprocessSpec) -> List[CachedSeries]:
-    """Decode and preprocess every series of one split folder."""
+def cache_series(group, spec: PreprocessSpec, annotations: List[tuple]) -> Optional[CachedSeries]:
+    """Decode and preprocess one series (``group``: :func:`edge.folder.group_series`'s); None when unusable."""
+    pre = CpuPreprocessor(spec)
+    frames, _bad = load_series(group)
+    try:
+        frames = order_slices(frames)
+    except InputError:
+        return None
+    if len(frames) < spec.slices:
+        return None
+    planes = np.stack([pre.preprocess_frame(f) for f in frames]).astype(np.float16)
+    locations = np.array([f.geometry.slice_location for f in frames])
+    per_slice = [[] for _ in frames]
+    ids = [[] for _ in frames]
+    resamples = [spec.resample_geometry(f.geometry.rows, f.geometry.columns, f.geometry.pixel_spacing)
+                 for f in frames]
+    for nid, (x, y, z, d) in enumerate(annotations):
+        for k, f in enumerate(frames):
+            geo = f.geometry
+            dz = float(np.dot(np.array([x, y, z]) - np.asarray(geo.position), geo.normal))
+            frac = abs(dz) / (d / 2.0)
+            if frac > 1.0:
+                continue
+            row, col = geo.patient_to_pixel([x, y, z])
+            rs = resamples[k]
+            r_in, c_in = rs.to_output(float(row), float(col))
+            mm_per_px = 0.5 * (rs.scale_y * geo.pixel_spacing[0] + rs.scale_x * geo.pixel_spacing[1])
+            per_slice[k].append((float(r_in), float(c_in), d / mm_per_px, frac))
+            ids[k].append(nid)
+    spacing = float(np.median(np.abs(np.diff(locations)))) if len(locations) > 1 else 1.0
+    return CachedSeries(group.series_uid, planes, locations, spacing, per_slice, ids)
+
+
+def _cache_series_args(args) -> Optional[CachedSeries]:
+    return cache_series(*args)
+
+
+def cache_split(split_dir, spec: PreprocessSpec, workers: int = 1) -> List[CachedSeries]:
+    """Decode and preprocess every series of one split folder, in series order.
+
+    ``workers`` > 1 decodes series in that many processes (the result is the same).
+    """
     split_dir = Path(split_dir)
     annotations = read_annotations(split_dir / "annotations.csv")
     groups, _rejected = group_series(split_dir)
-    pre = CpuPreprocessor(spec)
-    out = []
-    for g in groups:
-        frames, _bad = load_series(g)
-        try:
-            frames = order_slices(frames)
-        except InputError:
-            continue
-        if len(frames) < spec.slices:
-            continue
-        planes = np.stack([pre.preprocess_frame(f) for f in frames]).astype(np.float16)
-        locations = np.array([f.geometry.slice_location for f in frames])
-        per_slice = [[] for _ in frames]
-        ids = [[] for _ in frames]
-        resamples = [spec.resample_geometry(f.geometry.rows, f.geometry.columns, f.geometry.pixel_spacing)
-                     for f in frames]
-        for nid, (x, y, z, d) in enumerate(annotations.get(g.series_uid, [])):
-            for k, f in enumerate(frames):
-                geo = f.geometry
-                dz = float(np.dot(np.array([x, y, z]) - np.asarray(geo.position), geo.normal))
-                frac = abs(dz) / (d / 2.0)
-                if frac > 1.0:
-                    continue
-                row, col = geo.patient_to_pixel([x, y, z])
-                rs = resamples[k]
-                r_in, c_in = rs.to_output(float(row), float(col))
-                mm_per_px = 0.5 * (rs.scale_y * geo.pixel_spacing[0] + rs.scale_x * geo.pixel_spacing[1])
-                per_slice[k].append((float(r_in), float(c_in), d / mm_per_px, frac))
-                ids[k].append(nid)
-        spacing = float(np.median(np.abs(np.diff(locations)))) if len(locations) > 1 else 1.0
-        out.append(CachedSeries(g.series_uid, planes, locations, spacing, per_slice, ids))
-    return out
+    jobs = [(g, spec, annotations.get(g.series_uid, [])) for g in groups]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        # spawn: the caller may hold torch's thread pools, which fork does not copy safely
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            cached = pool.map(_cache_series_args, jobs, chunksize=1)
+    else:
+        cached = [cache_series(*job) for job in jobs]
+    return [c for c in cached if c is not None]

@@ -47,7 +47,7 @@ def recording_build_samplers(cfgs: list):
     """A stand-in for ``toolchain.training.run.build_samplers``: synthetic crops whatever the folder; each
     call's AugmentConfig is appended to ``cfgs``."""
 
-    def build_samplers(data_dir, spec, stride, cfg=None):
+    def build_samplers(data_dir, spec, stride, cfg=None, workers=1):
         cfgs.append(cfg)
         return make_sampler(0), None
 

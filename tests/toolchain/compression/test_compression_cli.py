@@ -64,3 +64,22 @@ def test_user_errors_exit_1_with_a_message(tmp_path, teacher_checkpoint, capsys)
     assert prune.main(["--teacher", str(teacher_checkpoint), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
                        "--target-ratio", "1.5"]) == 1
     assert "target ratio" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: --device cuda is usable here")
+def test_device_cuda_without_a_gpu_is_a_user_error_before_any_data_is_read(tmp_path, teacher_checkpoint, capsys):
+    distill = load_tool("distill")
+    assert distill.main(["--student", str(teacher_checkpoint), "--teacher", str(teacher_checkpoint),
+                         "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "missing split" not in err and not (tmp_path / "o").exists()
+
+
+def test_time_budget_and_cache_workers_reach_the_run(tmp_path, teacher_checkpoint, synthetic_data):
+    distill = load_tool("distill")
+    assert distill.main(["--student", str(teacher_checkpoint), "--data", "unused", "--out", str(tmp_path / "o"),
+                         "--steps", "3", "--batch-size", "2", "--time-budget", "600", "--cache-workers", "2",
+                         "--no-progress"]) == 0
+    ckpt = torch.load(tmp_path / "o" / "last.pt", weights_only=True)
+    assert ckpt["train_config"]["time_budget_s"] == 600 and ckpt["step"] == ckpt["total_steps"] == 3
+    assert ckpt["card"]["device"] == "cpu"

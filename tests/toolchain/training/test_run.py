@@ -47,3 +47,12 @@ def test_train_detector_passes_the_positive_sampling_on_and_records_it(tmp_path,
                        positive_sampling="nodule")
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert cfgs[0].positive_sampling == "nodule" and ckpt["card"]["positive_sampling"] == "nodule"
+
+
+def test_cache_workers_below_one_is_a_config_error(tmp_path):
+    from edge.errors import ConfigError
+    from toolchain.training.recipes import DEFAULT_PREPROCESS
+    from toolchain.training.run import build_samplers
+
+    with pytest.raises(ConfigError, match="cache workers"):
+        build_samplers(tmp_path, DEFAULT_PREPROCESS, 2, workers=0)

@@ -26,3 +26,16 @@ def test_each_slice_lists_the_nodules_it_crosses_with_their_annotation_index(tmp
         for (_, _, _, frac), i in zip(cached.nodules[k], cached.nodule_ids[k]):
             assert abs(frac - abs(z[k] - spheres[i].z) / spheres[i].radius) < 1e-6
     assert SLICE_MM == 2.0 and [z[k] for k, ids in enumerate(cached.nodule_ids) if 1 in ids] == [3.0, 5.0, 7.0]
+
+
+def test_decoding_in_worker_processes_gives_the_same_cache(tmp_path):
+    for i in range(3):
+        write_series(tmp_path / "train" / f"s{i}", n_slices=5, spheres=(Sphere(10.0 * i, 0.0, 0.0, radius=4.0),),
+                     seed=i)
+    (tmp_path / "train" / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    spec = PreprocessSpec(out_height=32, out_width=32, slices=3)
+    serial = cache_split(tmp_path / "train", spec)
+    parallel = cache_split(tmp_path / "train", spec, workers=2)
+    assert len(serial) == 3 and [s.series_uid for s in serial] == [s.series_uid for s in parallel]
+    for a, b in zip(serial, parallel):
+        assert (a.planes == b.planes).all() and (a.locations == b.locations).all()
