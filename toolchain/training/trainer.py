@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from edge.errors import ConfigError
 from toolchain.training.losses import detection_loss
 from toolchain.training.sampling import CropSampler, collate
 
@@ -40,8 +41,6 @@ class TrainConfig:
 
     def check(self) -> None:
         """ConfigError for settings no run can use (checked before any data is read)."""
-        from edge.errors import ConfigError
-
         if self.steps < 0 or self.batch_size < 1:
             raise ConfigError(f"steps must be >= 0 and batch size >= 1 (got {self.steps}, {self.batch_size})")
         if self.time_budget_s < 0:
