@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the networks run (cuda: a GPU PyTorch can see; one process; not bitwise "
                         "reproducible)")
     p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
-                   help="fit the schedule to this many seconds of training (fewer steps on a slow machine; "
-                        "0: off, the default)")
+                   help="fit the schedule to this many seconds of the training loop, decoding the series not "
+                        "counted (fewer steps on a slow machine; 0: off, the default)")
     p.add_argument("--cache-workers", type=int, default=1, help="processes decoding the series before training")
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--val-every", type=int, default=250)

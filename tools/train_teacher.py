@@ -27,8 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the network trains (cuda: a GPU PyTorch can see; not bitwise reproducible)")
     p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
-                   help="fit the schedule to this many seconds of training (fewer steps on a slow machine; "
-                        "0: off, the default)")
+                   help="fit the schedule to this many seconds of the training loop, decoding the series not "
+                        "counted (fewer steps on a slow machine; 0: off, the default)")
     p.add_argument("--cache-workers", type=int, default=1, help="processes decoding the series before training")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--init", help="start from this checkpoint's weights (fine-tuning; fresh optimizer and schedule)")
