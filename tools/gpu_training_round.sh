@@ -30,7 +30,7 @@ if [ -n "${WHEELS:-}" ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-$PY -c "import torch, pydicom, cv2; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
+$PY -c "import torch, pydicom, cv2, onnx_graphsurgeon; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 
