@@ -15,7 +15,8 @@
 #
 # Environment: OUT (results), BUDGET (seconds for the whole script), GEN_PROCS, PER_PROC, SEED0 (first dataset
 # seed; process i uses SEED0 + i), DEVICE (cuda; cpu for a dry run), WHEELS (folder of wheels to install first,
-# e.g. pydicom where the machine lacks it), PY (python).
+# e.g. pydicom where the machine lacks it), PY (python), TEACHER_LR (5e-4; "none" trains no teacher),
+# STUDENT_LRS (one student per learning rate, named student_a, student_b, ...: "5e-4 1e-3").
 set -uo pipefail
 cd "$(dirname "$0")/.." && export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 T0=$(date +%s)
@@ -60,15 +61,22 @@ KILL_AFTER=$(($(left) - 20))
 log "training loops: ${TRAIN_BUDGET} s each, side by side"
 COMMON=(--data "$W/data" --device "$DEVICE" --time-budget "$TRAIN_BUDGET" --cache-workers "$CACHE_WORKERS"
         --steps "$STEPS" --threads 2 --positive-sampling nodule --no-progress)
-timeout "$KILL_AFTER" $PY tools/train_teacher.py "${COMMON[@]}" --out "$W/teacher" --init models/teacher/teacher.pt \
-    --lr "${TEACHER_LR:-5e-4}" --seed 7 > "$W/teacher.log" 2>&1 &
-timeout "$KILL_AFTER" $PY tools/distill.py "${COMMON[@]}" --out "$W/student_a" --student models/student/student.pt \
-    --teacher models/teacher/teacher.pt --lr 5e-4 --seed 8 > "$W/student_a.log" 2>&1 &
-timeout "$KILL_AFTER" $PY tools/distill.py "${COMMON[@]}" --out "$W/student_b" --student models/student/student.pt \
-    --teacher models/teacher/teacher.pt --lr 1e-3 --seed 9 > "$W/student_b.log" 2>&1 &
+MODELS=()
+if [ "${TEACHER_LR:-5e-4}" != none ]; then
+    timeout "$KILL_AFTER" $PY tools/train_teacher.py "${COMMON[@]}" --out "$W/teacher" --init models/teacher/teacher.pt \
+        --lr "${TEACHER_LR:-5e-4}" --seed 7 > "$W/teacher.log" 2>&1 &
+    MODELS+=(teacher)
+fi
+LETTERS=(a b c d e f g h) i=0
+for lr in ${STUDENT_LRS:-5e-4 1e-3}; do
+    m=student_${LETTERS[$i]}; i=$((i + 1))
+    timeout "$KILL_AFTER" $PY tools/distill.py "${COMMON[@]}" --out "$W/$m" --student models/student/student.pt \
+        --teacher models/teacher/teacher.pt --lr "$lr" --seed $((7 + i)) > "$W/$m.log" 2>&1 &
+    MODELS+=("$m")
+done
 wait
 log "training done"
-for m in teacher student_a student_b; do
+for m in "${MODELS[@]}"; do
     tail -n 3 "$W/$m.log"
     [ -f "$W/$m/last.pt" ] && $PY tools/release_checkpoint.py --checkpoint "$W/$m/last.pt" --out "$OUT/$m.pt"
 done

@@ -11,14 +11,25 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_dry_run_on_the_cpu_writes_three_release_checkpoints_and_the_logs(tmp_path):
+def dry_run(tmp_path, **overrides):
     env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), BUDGET="400", GEN_PROCS="2",
                PER_PROC="1", VAL_SERIES="1", STEPS="2", CACHE_WORKERS="1", CACHE_S="20", DEVICE="cpu",
                PY=sys.executable)
+    env.update(overrides)
     r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_training_round.sh")], env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def released(tmp_path):
+    return sorted(p.stem for p in (tmp_path / "out").glob("*.pt"))
+
+
+def test_dry_run_on_the_cpu_writes_three_release_checkpoints_and_the_logs(tmp_path):
+    r = dry_run(tmp_path)
     assert "dataset: 2 training series" in r.stdout
+    assert released(tmp_path) == ["student_a", "student_b", "teacher"]
     for name in ("teacher", "student_a", "student_b"):
         ckpt = torch.load(tmp_path / "out" / f"{name}.pt", weights_only=True)
         assert ckpt["step"] == 2 and "optimizer" not in ckpt, name
@@ -26,3 +37,10 @@ def test_dry_run_on_the_cpu_writes_three_release_checkpoints_and_the_logs(tmp_pa
     with tarfile.open(tmp_path / "out" / "logs.tgz") as t:
         names = set(t.getnames())
     assert {"./teacher/train_log.csv", "./student_a.log", "./gen_g1.log"} <= names
+
+
+def test_students_only_one_per_learning_rate(tmp_path):
+    dry_run(tmp_path, GEN_PROCS="1", TEACHER_LR="none", STUDENT_LRS="1e-3 2e-3 7e-4")
+    assert released(tmp_path) == ["student_a", "student_b", "student_c"]
+    lrs = [torch.load(tmp_path / "out" / f"student_{m}.pt", weights_only=True)["train_config"]["lr"] for m in "abc"]
+    assert lrs == [1e-3, 2e-3, 7e-4]
