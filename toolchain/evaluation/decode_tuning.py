@@ -23,7 +23,7 @@ from edge.errors import ConfigError, InputError
 from toolchain.evaluation.froc import Nodules
 from toolchain.evaluation.io import read_annotations, read_series_list
 from toolchain.evaluation.rescorer_fit import (cross_validated_probabilities, findings_cpm, fit_rescorer_on,
-                                               rescorer_trials, threshold_at)
+                                               folds_by_uid, rescorer_trials, threshold_at)
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,46 @@ def grid_search(findings_per_folder: Sequence[Dict[str, List[Finding]]], folders
     return [points[i] for i in order]
 
 
+def _series_subset(findings: Dict[str, List[Finding]], folder: AnnotatedFolder, keep) -> tuple:
+    """The findings, nodules and scans of ``folder`` whose series UID ``keep`` accepts."""
+    mask = np.array([keep(u) for u in folder.nodules.seriesuids], bool)
+    nodules = Nodules(tuple(u for u, m in zip(folder.nodules.seriesuids, mask) if m),
+                      folder.nodules.centers.reshape(-1, 3)[mask], folder.nodules.diameters[mask])
+    return {u: f for u, f in findings.items() if keep(u)}, nodules, tuple(u for u in folder.scans if keep(u))
+
+
+def cross_validated_prior_cpm(findings_per_folder: Sequence[Dict[str, List[Finding]]],
+                              folders: Sequence[AnnotatedFolder], base: DecodeSpec,
+                              max_elongations: Sequence[Optional[float]], min_z_spans: Sequence[Optional[float]],
+                              folds: int = 5) -> Tuple[float, ...]:
+    """CPM per folder, each series scored by the grid's best shape prior on the other folds' series.
+
+    The folds are the rescorer's (:func:`~toolchain.evaluation.rescorer_fit.folds_by_uid`), so the two
+    cross-validated numbers compare like with like; the grid's in-sample best is optimistic by the
+    number of pairs it picked from.
+    """
+    specs = [dataclasses.replace(base, max_elongation=me, min_z_span=ms)
+             for me, ms in itertools.product(max_elongations, min_z_spans)]
+    probs = [[shape_prior_probabilities(f, spec) for f in findings_per_folder] for spec in specs]
+    fold_of = folds_by_uid(findings_per_folder, folds)
+    held_out: List[Dict[str, np.ndarray]] = [{} for _ in findings_per_folder]
+    for k in range(folds):
+        parts = [(j,) + _series_subset(f, folder, lambda uid: fold_of.get(uid, -1) != k)
+                 for j, (f, folder) in enumerate(zip(findings_per_folder, folders))]
+        parts = [p for p in parts if p[3] and len(p[2])]  # a folder part without scans or nodules has no CPM
+
+        def training_cpm(i: int) -> float:
+            return float(np.mean([findings_cpm(f, {u: probs[i][j][u] for u in f}, n, s) for j, f, n, s in parts]))
+
+        best = max(range(len(specs)), key=lambda i: (training_cpm(i), -i)) if parts else 0  # ties: grid order
+        for j, findings in enumerate(findings_per_folder):
+            for uid in findings:
+                if fold_of[uid] == k:
+                    held_out[j][uid] = probs[best][j][uid]
+    return tuple(findings_cpm(f, p, folder.nodules, folder.scans)
+                 for f, p, folder in zip(findings_per_folder, held_out, folders))
+
+
 @dataclass(frozen=True)
 class DecodeTuning:
     """What :func:`tune_decode_spec` chose, and the evidence."""
@@ -89,6 +129,7 @@ class DecodeTuning:
     spec: DecodeSpec
     grid: List[GridPoint]  # best first
     rescorer_trials: List[dict]  # {"l2", "cpm" per folder, "mean_cpm"}, cross-validated; [] when not tried
+    prior_cross_validated: Optional[Tuple[float, ...]]  # CPM per folder; None when the rescorer was not tried
     rescorer_l2: Optional[float]  # the penalty of the rescorer in ``spec``; None: the shape prior was kept
 
 
@@ -97,20 +138,21 @@ def tune_decode_spec(findings_per_folder: Sequence[Dict[str, List[Finding]]], fo
                      min_z_spans: Sequence[Optional[float]], rescorer_l2: Sequence[float] = (), folds: int = 5,
                      report_fp_per_scan: float = 1.0) -> DecodeTuning:
     """The best shape prior of the grid; with ``rescorer_l2`` penalties, the rescorer instead when its
-    cross-validated mean CPM beats the prior's (scored in-sample, so the comparison favours the prior);
-    and the report threshold at ``report_fp_per_scan`` false positives per scan over all folders
-    (the rescorer's from its cross-validated probabilities)."""
+    cross-validated mean CPM beats the shape prior's, cross-validated on the same folds
+    (:func:`cross_validated_prior_cpm`); and the report threshold at ``report_fp_per_scan`` false
+    positives per scan over all folders (the rescorer's from its cross-validated probabilities)."""
     if not report_fp_per_scan > 0:
         raise ConfigError(f"report operating point must be > 0 false positives per scan, got {report_fp_per_scan}")
     points = grid_search(findings_per_folder, folders, base, max_elongations, min_z_spans)
     best = points[0]
     spec = dataclasses.replace(base, max_elongation=best.max_elongation, min_z_span=best.min_z_span, rescorer=None)
     nodules, scans = [f.nodules for f in folders], [f.scans for f in folders]
-    trials, chosen_l2 = [], None
+    trials, chosen_l2, prior_cv = [], None, None
     if rescorer_l2:
         trials = rescorer_trials(findings_per_folder, nodules, scans, rescorer_l2, folds)
+        prior_cv = cross_validated_prior_cpm(findings_per_folder, folders, base, max_elongations, min_z_spans, folds)
         top = max(trials, key=lambda r: r["mean_cpm"])
-        if top["mean_cpm"] > best.mean_cpm:
+        if top["mean_cpm"] > float(np.mean(prior_cv)):
             chosen_l2 = top["l2"]
             spec = dataclasses.replace(spec, rescorer=fit_rescorer_on(findings_per_folder, nodules, chosen_l2))
     if chosen_l2 is not None:
@@ -119,7 +161,7 @@ def tune_decode_spec(findings_per_folder: Sequence[Dict[str, List[Finding]]], fo
         probabilities = [shape_prior_probabilities(per_folder, spec) for per_folder in findings_per_folder]
     threshold = threshold_at(findings_per_folder, probabilities, nodules, scans, report_fp_per_scan)
     spec = dataclasses.replace(spec, report_threshold=round(min(threshold, 1.0), 6))
-    return DecodeTuning(spec, points, trials, chosen_l2)
+    return DecodeTuning(spec, points, trials, prior_cv, chosen_l2)
 
 
 def detect_without_shape_prior(folder: AnnotatedFolder, runner, specs) -> Dict[str, List[Finding]]:

@@ -72,7 +72,7 @@ def fit_rescorer(x: np.ndarray, y: np.ndarray, l2: float = 1.0,
     return FindingRescorer(tuple(features), tuple(mean.tolist()), tuple(scale.tolist()), tuple(w.tolist()), b)
 
 
-def _folds_by_uid(findings_per_folder: Sequence[Dict[str, List[Finding]]], folds: int) -> Dict[str, int]:
+def folds_by_uid(findings_per_folder: Sequence[Dict[str, List[Finding]]], folds: int) -> Dict[str, int]:
     """Series in sorted UID order dealt round-robin into ``folds`` folds (balanced, no seed)."""
     uids = sorted({uid for findings in findings_per_folder for uid in findings})
     return {uid: n % folds for n, uid in enumerate(uids)}
@@ -109,7 +109,7 @@ def cross_validated_probabilities(findings_per_folder: Sequence[Dict[str, List[F
     if folds < 2:
         raise ConfigError(f"cross-validation needs at least 2 folds, got {folds}")
     data = [finding_labels(f, n) for f, n in zip(findings_per_folder, nodules_per_folder)]
-    fold_of = _folds_by_uid(findings_per_folder, folds)
+    fold_of = folds_by_uid(findings_per_folder, folds)
     fold_ids = []
     for findings in findings_per_folder:
         fold_ids.append(np.concatenate([np.full(len(found), fold_of[uid]) for uid, found in findings.items()]
