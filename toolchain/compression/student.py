@@ -6,7 +6,6 @@ with :class:`~toolchain.compression.distill.DistillLoss`, in one process or
 under torchrun (:mod:`toolchain.compression.ddp`).
 """
 
-import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +20,7 @@ from toolchain.compression.checkpoint import checkpoint_extra
 from toolchain.compression.ddp import DistContext, RankSampler, barrier, init_distributed, shutdown, unwrap, wrap
 from toolchain.compression.distill import DistillConfig, DistillLoss, StudentNet, make_adapter
 from toolchain.export.onnx_export import load_checkpoint
-from toolchain.training.trainer import TrainConfig, Trainer, cpu_state, resumed_total_steps
+from toolchain.training.trainer import TrainConfig, Trainer, cpu_state
 
 ADAPTER_KEY = "feature_adapter"  # training-only weights, ignored by export
 
@@ -49,21 +48,18 @@ class StudentTrainer(Trainer):
         return unwrap(self.model)
 
     def save(self, name: str):
-        if not self.ctx.is_main:
-            return
-        net = self.net
-        state = dict(self.extra)
-        state.update(state_dict=cpu_state(net.student), optimizer=self.opt.state_dict(), step=self.step,
-                     total_steps=self.total_steps, best_val=self.best_val, train_config=asdict(self.cfg))
-        if net.adapter is not None:
-            state[ADAPTER_KEY] = cpu_state(net.adapter)
-        tmp = self.out / (name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / name)
+        if self.ctx.is_main:
+            super().save(name)
 
-    def resume(self, path) -> None:
-        path = Path(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def _weights(self) -> dict:
+        """The student's weights (what export reads), and the training-only adapter's when imitating features."""
+        net = self.net
+        weights = {"state_dict": cpu_state(net.student)}
+        if net.adapter is not None:
+            weights[ADAPTER_KEY] = cpu_state(net.adapter)
+        return weights
+
+    def _load_weights(self, state: dict, path: Path) -> None:
         net = self.net
         net.student.load_state_dict(state["state_dict"])
         if (net.adapter is not None) != (ADAPTER_KEY in state):
@@ -71,10 +67,6 @@ class StudentTrainer(Trainer):
                                    "feature weight)")
         if net.adapter is not None:
             net.adapter.load_state_dict(state[ADAPTER_KEY])
-        self.opt.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.total_steps = resumed_total_steps(state, self.cfg)
-        self.best_val = float(state.get("best_val", float("inf")))
 
     def close(self) -> None:
         if self._scratch is not None:

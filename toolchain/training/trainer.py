@@ -109,17 +109,25 @@ class Trainer:
         self._val_cache = None
 
     # checkpoints
+    def _weights(self) -> dict:
+        """The checkpoint's weight entries (CPU tensors)."""
+        return {"state_dict": cpu_state(self.model)}
+
+    def _load_weights(self, state: dict, path: Path) -> None:
+        self.model.load_state_dict(state["state_dict"])
+
     def save(self, name: str):
-        state = dict(self.extra)
-        state.update(state_dict=cpu_state(self.model), optimizer=self.opt.state_dict(), step=self.step,
-                     total_steps=self.total_steps, best_val=self.best_val, train_config=asdict(self.cfg))
+        state = dict(self.extra, **self._weights())
+        state.update(optimizer=self.opt.state_dict(), step=self.step, total_steps=self.total_steps,
+                     best_val=self.best_val, train_config=asdict(self.cfg))
         tmp = self.out / (name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.out / name)
 
     def resume(self, path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state["state_dict"])
+        path = Path(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self._load_weights(state, path)
         self.opt.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.total_steps = resumed_total_steps(state, self.cfg)
