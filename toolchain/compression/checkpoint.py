@@ -24,15 +24,19 @@ def checkpoint_extra(model, specs: ModelSpecs, card: dict) -> dict:
             "card": card}
 
 
-def save_checkpoint(path, model, specs: ModelSpecs, card: dict) -> Path:
-    """Write an inference checkpoint (no optimizer state) atomically."""
+def write_checkpoint(state: dict, path, what: str = "checkpoint") -> Path:
+    """``torch.save`` ``state`` to ``path`` atomically; an InputError naming ``path`` (and ``what``) on failure."""
     path = Path(path)
-    state = dict(checkpoint_extra(model, specs, card), state_dict=model.state_dict())
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise InputError(path, f"cannot write the checkpoint: {e.strerror or e}") from None
+        raise InputError(path, f"cannot write the {what}: {e.strerror or e}") from None
     return path
+
+
+def save_checkpoint(path, model, specs: ModelSpecs, card: dict) -> Path:
+    """Write an inference checkpoint (no optimizer state) atomically."""
+    return write_checkpoint(dict(checkpoint_extra(model, specs, card), state_dict=model.state_dict()), path)

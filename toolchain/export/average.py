@@ -5,13 +5,11 @@ unrelated networks gives a broken model. BatchNorm running statistics are averag
 The specs (preprocess, decode) and card are the first checkpoint's; re-tune the decode afterwards.
 """
 
-import os
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from edge.errors import InputError
+from toolchain.compression.checkpoint import write_checkpoint
 from toolchain.export.onnx_export import _read_checkpoint, model_from_checkpoint
 
 
@@ -36,11 +34,4 @@ def average_checkpoints(srcs: Sequence, dst) -> Path:
     card = dict(first.get("card", {}), averaged_from=[str(s) for s in srcs])
     out = {k: first[k] for k in ("arch", "preprocess", "decode") if k in first}
     out.update(card=card, step=first.get("step", 0), state_dict=state)
-    staging = dst.with_name(f".{dst.name}.partial{os.getpid()}")
-    try:
-        torch.save(out, staging)
-        staging.replace(dst)
-    except OSError as e:
-        staging.unlink(missing_ok=True)
-        raise InputError(dst, f"cannot write the averaged checkpoint: {e.strerror or e}") from None
-    return dst
+    return write_checkpoint(out, dst, "averaged checkpoint")

@@ -7,10 +7,8 @@ Half the size of the float32 weights and a fraction of a resumable checkpoint;
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from edge.decode.spec import DecodeSpec
-from edge.errors import InputError
+from toolchain.compression.checkpoint import write_checkpoint
 from toolchain.export.onnx_export import _read_checkpoint, model_from_checkpoint
 
 KEPT_KEYS = ("arch", "preprocess", "decode", "card", "step", "best_val", "train_config")
@@ -25,11 +23,4 @@ def release_checkpoint(src, dst, decode: Optional[DecodeSpec] = None) -> Path:
     if decode is not None:
         out["decode"] = decode.to_dict()
     out["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-    staging = dst.with_name(f".{dst.name}.partial")
-    try:
-        torch.save(out, staging)
-        staging.replace(dst)
-    except OSError as e:
-        staging.unlink(missing_ok=True)
-        raise InputError(dst, f"cannot write the release checkpoint: {e.strerror or e}") from None
-    return dst
+    return write_checkpoint(out, dst, "release checkpoint")
