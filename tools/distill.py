@@ -27,6 +27,8 @@ from edge.errors import EdgeError, report_user_error  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     from toolchain.compression.distill import HEATMAP_LOSSES, DistillConfig
     from toolchain.training.sampling import POSITIVE_SAMPLING_HELP, POSITIVE_SAMPLING_MODES
+    from toolchain.training.slice_cache import CACHE_WORKERS_HELP
+    from toolchain.training.trainer import DEVICES, TIME_BUDGET_HELP
 
     d = DistillConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,13 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: default)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+    p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where the networks run (cuda: a GPU PyTorch can see; one process; not bitwise "
                         "reproducible)")
-    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
-                   help="fit the schedule to this many seconds of the training loop, decoding the series not "
-                        "counted (fewer steps on a slow machine; 0: off, the default)")
-    p.add_argument("--cache-workers", type=int, default=1, help="processes decoding the series before training")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS", help=TIME_BUDGET_HELP)
+    p.add_argument("--cache-workers", type=int, default=1, help=CACHE_WORKERS_HELP)
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--positive-sampling", choices=POSITIVE_SAMPLING_MODES, default="slice", help=POSITIVE_SAMPLING_HELP)

@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge.errors import EdgeError, report_user_error  # noqa: E402
 from toolchain.training.sampling import POSITIVE_SAMPLING_HELP, POSITIVE_SAMPLING_MODES  # noqa: E402
+from toolchain.training.slice_cache import CACHE_WORKERS_HELP  # noqa: E402
+from toolchain.training.trainer import DEVICES, TIME_BUDGET_HELP  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -24,12 +26,10 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+    p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="where the network trains (cuda: a GPU PyTorch can see; not bitwise reproducible)")
-    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
-                   help="fit the schedule to this many seconds of the training loop, decoding the series not "
-                        "counted (fewer steps on a slow machine; 0: off, the default)")
-    p.add_argument("--cache-workers", type=int, default=1, help="processes decoding the series before training")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS", help=TIME_BUDGET_HELP)
+    p.add_argument("--cache-workers", type=int, default=1, help=CACHE_WORKERS_HELP)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--init", help="start from this checkpoint's weights (fine-tuning; fresh optimizer and schedule)")
     p.add_argument("--positive-sampling", choices=POSITIVE_SAMPLING_MODES, default="slice", help=POSITIVE_SAMPLING_HELP)

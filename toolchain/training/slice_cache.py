@@ -22,6 +22,9 @@ from edge.preprocess.cpu import CpuPreprocessor
 from edge.preprocess.spec import PreprocessSpec
 
 
+CACHE_WORKERS_HELP = "processes decoding the series before training"
+
+
 @dataclass
 class CachedSeries:
     series_uid: str

@@ -24,6 +24,11 @@ from toolchain.training.losses import detection_loss
 from toolchain.training.sampling import CropSampler, collate
 
 
+DEVICES = ("cpu", "cuda")
+TIME_BUDGET_HELP = ("fit the schedule to this many seconds of the training loop, decoding the series not counted "
+                    "(fewer steps on a slow machine; 0: off, the default)")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 3000
@@ -45,7 +50,7 @@ class TrainConfig:
             raise ConfigError(f"steps must be >= 0 and batch size >= 1 (got {self.steps}, {self.batch_size})")
         if self.time_budget_s < 0:
             raise ConfigError(f"time budget must be >= 0 s (got {self.time_budget_s})")
-        if self.device not in ("cpu", "cuda"):
+        if self.device not in DEVICES:
             raise ConfigError(f"device must be cpu or cuda (got {self.device!r})")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device cuda: PyTorch sees no CUDA device here (use --device cpu)")
