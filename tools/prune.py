@@ -2,9 +2,12 @@
 """Prune the teacher into a smaller detector: structured channel pruning + fine-tuning rounds (CPU).
 
     python tools/prune.py --teacher runs/teacher/best.pt --data data/phantoms --out runs/pruned \\
-        [--target-ratio 0.3] [--rounds 3] [--finetune-steps 300] [--importance l1] [--resume]
+        [--target-ratio 0.3] [--rounds 3] [--finetune-steps 300] [--importance l1] [--resume] \\
+        [--min-heads 16] [--min-level 0=16] [--min-conv NAME=W]
 
-Writes OUT/pruned.pt (loads like any detector checkpoint: export, distill,
+One pruning ratio for all convs is found per round; --min-* floors stop chosen convs
+(e.g. the heads, or the high-resolution levels, which cost MACs but few parameters)
+at a width. Writes OUT/pruned.pt (loads like any detector checkpoint: export, distill,
 evaluate) and OUT/prune_summary.json; round k's fine-tuning is in OUT/round<k>/.
 """
 
@@ -35,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-to", type=int, default=d.round_to, help="channel multiple (default %(default)s)")
     p.add_argument("--taylor-batches", type=int, default=d.taylor_batches,
                    help="batches of gradients for --importance taylor (default %(default)s)")
+    p.add_argument("--min-level", action="append", default=[], metavar="K=W",
+                   help="no conv at resolution level K (0: stride 2) is pruned below W channels (repeatable)")
+    p.add_argument("--min-heads", type=int, default=None, metavar="W",
+                   help="the heads' 3x3 convs are not pruned below W channels")
+    p.add_argument("--min-conv", action="append", default=[], metavar="NAME=W",
+                   help="one conv's floor by name, e.g. enc.1.block.0.0=32 (repeatable)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -46,10 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> Path:
     from toolchain.compression.pruning import PruneConfig, prune_checkpoint
+    from toolchain.compression.widening import resolve_width_settings
+    from toolchain.export.onnx_export import load_checkpoint
     from toolchain.training.trainer import TrainConfig
 
+    floors = resolve_width_settings(len(load_checkpoint(args.teacher)[0].enc), args.min_level, args.min_heads,
+                                    args.min_conv)
     cfg = PruneConfig(target_ratio=args.target_ratio, rounds=args.rounds, finetune_steps=args.finetune_steps,
-                      criterion=args.importance, round_to=args.round_to, taylor_batches=args.taylor_batches)
+                      criterion=args.importance, round_to=args.round_to, taylor_batches=args.taylor_batches,
+                      min_widths=tuple(sorted(floors.items())))
     train_cfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
                             warmup_steps=min(50, max(1, args.finetune_steps // 10)))
     return prune_checkpoint(args.teacher, args.data, args.out, cfg, train_cfg, progress=not args.no_progress,

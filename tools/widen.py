@@ -35,25 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def requested_widths(args, levels: int) -> dict:
-    """{conv name: channels} from --level, --heads and --conv; ConfigError when one conv is set twice."""
-    from toolchain.compression.arch import HEAD_NAMES
-    from toolchain.compression.widening import level_convs, parse_width_settings
+    """{conv name: channels} from --level, --heads and --conv; ConfigError when nothing is asked."""
+    from toolchain.compression.widening import resolve_width_settings
 
-    pairs = []
-    for level, width in parse_width_settings(args.level).items():
-        try:
-            k = int(level)
-        except ValueError:
-            raise ConfigError(f"--level takes K=W with an integer level K, got {level!r}") from None
-        pairs += [(name, width) for name in level_convs(levels, k)]
-    if args.heads is not None:
-        pairs += [(f"{h}.conv.0", args.heads) for h in HEAD_NAMES]
-    pairs += list(parse_width_settings(args.conv).items())
-    widths: dict = {}
-    for name, width in pairs:
-        if name in widths:
-            raise ConfigError(f"the width of {name} is set twice (--level, --heads and --conv overlap)")
-        widths[name] = width
+    widths = resolve_width_settings(levels, args.level, args.heads, args.conv)
     if not widths:
         raise ConfigError("nothing to widen: give --level, --heads or --conv")
     return widths

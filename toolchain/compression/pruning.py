@@ -11,7 +11,10 @@ a real smaller model, not a mask.
 Iterative schedule: round k of K prunes to ``target ** (k / K)`` of the
 reference's parameters *and* MACs, then fine-tunes with the task loss. Within a
 round, one pruning ratio for all layers is found
-by bisection so that both budgets hold (thin layers stop at ``round_to`` channels).
+by bisection so that both budgets hold (thin layers stop at ``round_to`` channels,
+and a conv given a floor in ``PruneConfig.min_widths`` stops at its floor: the
+heads and the high-resolution levels are cheap in parameters, so floors there
+trade MACs for a wider path where small nodules are resolved).
 """
 
 import copy
@@ -19,7 +22,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -73,13 +76,31 @@ def rebuild(model: CenterNetUNet) -> CenterNetUNet:
     return slim.train(model.training)
 
 
-def prune_by_ratio(model: CenterNetUNet, ratio: float, criterion: str, round_to: int = ROUND_TO) -> CenterNetUNet:
+def check_min_widths(model: CenterNetUNet, min_widths: Mapping[str, int], round_to: int = ROUND_TO) -> None:
+    """ConfigError unless every floor names a prunable conv of ``model``, is a multiple of ``round_to`` and
+    is at most the conv's present width."""
+    modules = dict(model.named_modules())
+    names = conv_names(len(model.enc))
+    for name, width in min_widths.items():
+        if name not in names:
+            raise ConfigError(f"no prunable conv named {name!r} (expected one of {', '.join(names)})")
+        if width < round_to or width % round_to:
+            raise ConfigError(f"the floor of {name} must be a multiple of {round_to} channels, got {width}")
+        if width > modules[name].out_channels:
+            raise ConfigError(f"the floor of {name} ({width} channels) is above its {modules[name].out_channels}")
+
+
+def prune_by_ratio(model: CenterNetUNet, ratio: float, criterion: str, round_to: int = ROUND_TO,
+                   min_widths: Optional[Mapping[str, int]] = None) -> CenterNetUNet:
     """A copy of ``model`` with ``ratio`` of every prunable conv's channels removed (``model`` itself is untouched).
 
     Each conv keeps at least ``round_to`` channels (Torch-Pruning would otherwise
-    round a thin layer down to nothing and skip it). For ``taylor`` the model's
+    round a thin layer down to nothing and skip it), and at least its floor in
+    ``min_widths`` ({conv name: channels}). For ``taylor`` the model's
     parameters must hold gradients (see :func:`accumulate_gradients`).
     """
+    min_widths = dict(min_widths or {})
+    check_min_widths(model, min_widths, round_to)
     pruned = copy.deepcopy(model)
     for src, dst in zip(model.parameters(), pruned.parameters()):
         dst.requires_grad_(True)  # the dependency graph is traced through autograd (a frozen teacher has none)
@@ -89,7 +110,8 @@ def prune_by_ratio(model: CenterNetUNet, ratio: float, criterion: str, round_to:
         per_layer = {}
         for name in conv_names(len(pruned.enc)):
             conv = modules[name]
-            per_layer[conv] = max(0.0, min(ratio, 1.0 - (round_to + 0.5) / conv.out_channels))
+            keep = max(round_to, min_widths.get(name, 0))
+            per_layer[conv] = max(0.0, min(ratio, 1.0 - (keep + 0.5) / conv.out_channels))
         example = torch.zeros(1, *example_shape(model))
         pruner = tp.pruner.BasePruner(
             pruned, example, importance=make_importance(criterion), pruning_ratio=ratio,
@@ -100,9 +122,10 @@ def prune_by_ratio(model: CenterNetUNet, ratio: float, criterion: str, round_to:
     return rebuild(pruned)
 
 
-def prune_to_budget(model: CenterNetUNet, budget: ModelCost, criterion: str,
-                    round_to: int = ROUND_TO) -> CenterNetUNet:
-    """The least-pruned copy of ``model`` whose parameters and MACs (at :func:`example_shape`) fit ``budget``."""
+def prune_to_budget(model: CenterNetUNet, budget: ModelCost, criterion: str, round_to: int = ROUND_TO,
+                    min_widths: Optional[Mapping[str, int]] = None) -> CenterNetUNet:
+    """The least-pruned copy of ``model`` whose parameters and MACs (at :func:`example_shape`) fit ``budget``
+    (convs stop at their floors in ``min_widths``, see :func:`prune_by_ratio`)."""
     shape = example_shape(model)
 
     def fits(m) -> bool:
@@ -111,16 +134,16 @@ def prune_to_budget(model: CenterNetUNet, budget: ModelCost, criterion: str,
 
     if fits(model):
         return rebuild(model)
-    smallest = prune_by_ratio(model, MAX_RATIO, criterion, round_to)
+    smallest = prune_by_ratio(model, MAX_RATIO, criterion, round_to, min_widths)
     if not fits(smallest):
         cost = model_cost(smallest, shape)
         raise ConfigError(f"pruning cannot reach the budget of {budget.parameters:,} parameters / {budget.macs:,} MACs "
                           f"(at most {MAX_RATIO:.0%} of channels per round gives {cost.parameters:,} / {cost.macs:,}); "
-                          f"use more rounds or a larger target ratio")
+                          f"use more rounds, a larger target ratio or lower floors")
     lo, hi, best = 0.0, MAX_RATIO, smallest
     for _ in range(BISECTION_STEPS):
         mid = 0.5 * (lo + hi)
-        candidate = prune_by_ratio(model, mid, criterion, round_to)
+        candidate = prune_by_ratio(model, mid, criterion, round_to, min_widths)
         if fits(candidate):
             hi, best = mid, candidate
         else:
@@ -155,6 +178,7 @@ class PruneConfig:
     criterion: str = "l1"
     round_to: int = ROUND_TO
     taylor_batches: int = 4
+    min_widths: Tuple[Tuple[str, int], ...] = ()  # (conv name, channels): floors no round prunes below
 
     def check(self) -> None:
         if not 0.0 < self.target_ratio < 1.0:
@@ -168,6 +192,9 @@ class PruneConfig:
         if self.taylor_batches < 1:
             raise ConfigError(f"taylor batches must be at least 1, got {self.taylor_batches}")
         make_importance(self.criterion)
+        names = [name for name, _ in self.min_widths]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"a conv has two floors: {names}")
 
 
 @dataclass(frozen=True)
@@ -197,6 +224,7 @@ def iterative_prune(teacher: CenterNetUNet, specs: ModelSpecs, sampler: CropSamp
     ``last.pt``. ``train_cfg.steps`` is ignored (``cfg.finetune_steps`` per round).
     """
     cfg.check()
+    check_min_widths(teacher, dict(cfg.min_widths), cfg.round_to)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     deploy_shape = (specs.preprocess.channels, specs.preprocess.out_height, specs.preprocess.out_width)
@@ -221,7 +249,7 @@ def iterative_prune(teacher: CenterNetUNet, specs: ModelSpecs, sampler: CropSamp
             else:
                 if cfg.criterion == "taylor":
                     accumulate_gradients(model, sampler, cfg.taylor_batches, train_cfg.batch_size, train_cfg.seed + k)
-                model = prune_to_budget(model, budget, cfg.criterion, cfg.round_to)
+                model = prune_to_budget(model, budget, cfg.criterion, cfg.round_to, dict(cfg.min_widths))
             model.train()
             extra = checkpoint_extra(model, specs, card)
             trainer = Trainer(model, sampler, val_sampler, round_cfg, round_dir, extra, progress=progress)
@@ -262,6 +290,7 @@ def prune_checkpoint(teacher_path, data_dir, out_dir, cfg: PruneConfig, train_cf
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     teacher, specs = load_checkpoint(teacher_path)
+    check_min_widths(teacher, dict(cfg.min_widths), cfg.round_to)  # before the data is read
     sampler, val_sampler = build_samplers(data_dir, specs.preprocess, specs.decode.stride)
     return iterative_prune(teacher, specs, sampler, val_sampler, cfg, train_cfg, out_dir,
                            teacher_path=str(teacher_path), progress=progress, resume=resume)

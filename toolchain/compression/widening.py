@@ -136,6 +136,29 @@ def level_convs(levels: int, level: int) -> List[str]:
     return names
 
 
+def resolve_width_settings(levels: int, level_items=(), heads: Optional[int] = None, conv_items=()) -> Dict[str, int]:
+    """{conv name: channels} from ``K=W`` level items (every conv at level K), a heads width and ``NAME=W`` items.
+
+    ConfigError for a malformed item, a level the model lacks, or a conv set twice (overlapping settings).
+    """
+    pairs = []
+    for level, width in parse_width_settings(level_items).items():
+        try:
+            k = int(level)
+        except ValueError:
+            raise ConfigError(f"a level width takes K=W with an integer level K, got {level!r}") from None
+        pairs += [(name, width) for name in level_convs(levels, k)]
+    if heads is not None:
+        pairs += [(f"{h}.conv.0", heads) for h in HEAD_NAMES]
+    pairs += list(parse_width_settings(conv_items).items())
+    widths: Dict[str, int] = {}
+    for name, width in pairs:
+        if name in widths:
+            raise ConfigError(f"the width of {name} is set twice (the level, heads and conv settings overlap)")
+        widths[name] = width
+    return widths
+
+
 def widen_checkpoint(checkpoint_path, out_path, widths: Mapping[str, int], seed: int = 0):
     """:func:`widen` from and to checkpoint files; the card records the source and the widths. Returns the model."""
     from toolchain.compression.checkpoint import save_checkpoint

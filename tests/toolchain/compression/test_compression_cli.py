@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from compression_helpers import load_tool, recording_build_samplers
+from toolchain.compression.arch import HEAD_NAMES as HEADS
 from toolchain.compression.arch import conv_widths_of
 from toolchain.export.onnx_export import load_checkpoint
 
@@ -22,12 +23,14 @@ def test_prune_then_distill_then_resume(tmp_path, teacher_checkpoint, synthetic_
     prune = load_tool("prune")
     assert prune.main(["--teacher", str(teacher_checkpoint), "--data", "unused", "--out", str(tmp_path / "p"),
                        "--target-ratio", "0.5", "--rounds", "1", "--finetune-steps", "1", "--batch-size", "2",
-                       "--no-progress"]) == 0
+                       "--min-heads", "16", "--no-progress"]) == 0
     pruned = tmp_path / "p" / "pruned.pt"
     assert f"pruned checkpoint: {pruned}" in capsys.readouterr().out
     model, _ = load_checkpoint(pruned)
     teacher, _ = load_checkpoint(teacher_checkpoint)
-    assert sum(conv_widths_of(model).values()) < sum(conv_widths_of(teacher).values())
+    widths, teacher_widths = conv_widths_of(model), conv_widths_of(teacher)
+    assert sum(widths.values()) < sum(teacher_widths.values())
+    assert teacher_widths["heatmap.conv.0"] == 16 and all(widths[f"{h}.conv.0"] == 16 for h in HEADS)
 
     distill = load_tool("distill")
     common = ["--student", str(pruned), "--data", "unused", "--batch-size", "2", "--checkpoint-every", "1",
@@ -64,6 +67,12 @@ def test_user_errors_exit_1_with_a_message(tmp_path, teacher_checkpoint, capsys)
     assert prune.main(["--teacher", str(teacher_checkpoint), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
                        "--target-ratio", "1.5"]) == 1
     assert "target ratio" in capsys.readouterr().err
+    for floor, message in ((["--min-level", "0=12"], "multiple of 8"), (["--min-conv", "nope=8"], "no prunable conv"),
+                           (["--min-heads", "64"], "above its 16"), (["--min-level", "9=8"], "level must be")):
+        assert prune.main(["--teacher", str(teacher_checkpoint), "--data", str(tmp_path / "none"),
+                           "--out", str(tmp_path / "o")] + floor) == 1
+        err = capsys.readouterr().err
+        assert message in err and "missing split" not in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: --device cuda is usable here")

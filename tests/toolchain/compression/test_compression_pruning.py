@@ -91,6 +91,40 @@ def test_unreachable_budget_and_bad_criterion_are_config_errors():
         PruneConfig(criterion="random").check()
 
 
+def test_floors_stop_chosen_convs_within_the_budget():
+    teacher = tiny_teacher().eval()  # widths (16, 24, 32), heads 16
+    budget = half_budget(teacher)
+    free = conv_widths_of(prune_to_budget(teacher, budget, "l1"))
+    floors = {"heatmap.conv.0": 16, "size.conv.0": 16, "offset.conv.0": 16, "stem.0": 16}
+    student = prune_to_budget(teacher, budget, "l1", min_widths=floors)
+    widths = conv_widths_of(student)
+    assert all(widths[name] == 16 for name in floors), widths
+    assert any(free[name] < 16 for name in floors), free  # the floors changed something
+    cost = model_cost(student, example_shape(student))
+    assert cost.parameters <= budget.parameters and cost.macs <= budget.macs
+    assert sum(widths.values()) - sum(floors.values()) <= sum(free.values()) - sum(free[n] for n in floors)
+
+
+@pytest.mark.parametrize("floors, message", [
+    ({"nope": 8}, "no prunable conv"),
+    ({"stem.0": 12}, "multiple of 8"),
+    ({"stem.0": 0}, "multiple of 8"),
+    ({"stem.0": 24}, "above its 16"),
+])
+def test_bad_floors_are_config_errors(floors, message):
+    with pytest.raises(ConfigError, match=message):
+        prune_by_ratio(tiny_teacher(), 0.5, "l1", min_widths=floors)
+
+
+def test_floors_that_leave_no_room_for_the_budget_are_config_errors():
+    teacher = tiny_teacher()
+    floors = {name: width for name, width in conv_widths_of(teacher).items()}
+    with pytest.raises(ConfigError, match="lower floors"):
+        prune_to_budget(teacher, half_budget(teacher), "l1", min_widths=floors)
+    with pytest.raises(ConfigError, match="two floors"):
+        PruneConfig(min_widths=(("stem.0", 8), ("stem.0", 16))).check()
+
+
 def test_round_budgets_shrink_geometrically_to_the_target():
     budgets = round_budgets(ModelCost(1000, 5000), 0.25, 2)
     assert budgets == [ModelCost(500, 2500), ModelCost(250, 1250)]
