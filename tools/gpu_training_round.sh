@@ -16,12 +16,21 @@
 # Environment: OUT (results), BUDGET (seconds for the whole script), GEN_PROCS, PER_PROC, SEED0 (first dataset
 # seed; process i uses SEED0 + i), DEVICE (cuda; cpu for a dry run), WHEELS (folder of wheels to install first,
 # e.g. pydicom where the machine lacks it), PY (python), TEACHER_LR (5e-4; "none" trains no teacher),
-# STUDENT_LRS (one student per learning rate, named student_a, student_b, ...: "5e-4 1e-3").
+# STUDENT_LRS (one student per learning rate, named student_a, student_b, ...: "5e-4 1e-3"), STUDENT_INITS (the
+# checkpoint each of those students starts from, in the same order, e.g. freshly pruned ones; default: every one
+# from models/student/student.pt).
 set -uo pipefail
 cd "$(dirname "$0")/.." && export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 T0=$(date +%s)
 : "${OUT:?set OUT}" "${BUDGET:=540}" "${GEN_PROCS:=16}" "${PER_PROC:=36}" "${SEED0:=1000}" "${DEVICE:=cuda}"
 : "${PY:=python3}" "${VAL_SERIES:=8}" "${STEPS:=40000}" "${CACHE_WORKERS:=8}"
+read -r -a LRS <<< "${STUDENT_LRS:-5e-4 1e-3}"
+read -r -a INITS <<< "${STUDENT_INITS:-}"
+if [ ${#INITS[@]} -eq 0 ]; then for _ in "${LRS[@]}"; do INITS+=(models/student/student.pt); done; fi
+if [ ${#INITS[@]} -ne ${#LRS[@]} ]; then
+    echo "STUDENT_INITS names ${#INITS[@]} checkpoints for ${#LRS[@]} learning rates in STUDENT_LRS"; exit 1
+fi
+for f in "${INITS[@]}"; do [ -f "$f" ] || { echo "student checkpoint not found: $f"; exit 1; }; done
 W=${WORK:-/tmp/gpu_round}
 rm -rf "$W" && mkdir -p "$W/gen" "$W/data/train" "$OUT"
 left() { echo $((BUDGET - ($(date +%s) - T0))); }
@@ -68,9 +77,9 @@ if [ "${TEACHER_LR:-5e-4}" != none ]; then
     MODELS+=(teacher)
 fi
 LETTERS=(a b c d e f g h) i=0
-for lr in ${STUDENT_LRS:-5e-4 1e-3}; do
-    m=student_${LETTERS[$i]}; i=$((i + 1))
-    timeout "$KILL_AFTER" $PY tools/distill.py "${COMMON[@]}" --out "$W/$m" --student models/student/student.pt \
+for lr in "${LRS[@]}"; do
+    m=student_${LETTERS[$i]} init=${INITS[$i]}; i=$((i + 1))
+    timeout "$KILL_AFTER" $PY tools/distill.py "${COMMON[@]}" --out "$W/$m" --student "$init" \
         --teacher models/teacher/teacher.pt --lr "$lr" --seed $((7 + i)) > "$W/$m.log" 2>&1 &
     MODELS+=("$m")
 done

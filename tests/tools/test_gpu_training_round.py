@@ -39,8 +39,22 @@ def test_dry_run_on_the_cpu_writes_three_release_checkpoints_and_the_logs(tmp_pa
     assert {"./teacher/train_log.csv", "./student_a.log", "./gen_g1.log"} <= names
 
 
-def test_students_only_one_per_learning_rate(tmp_path):
-    dry_run(tmp_path, GEN_PROCS="1", TEACHER_LR="none", STUDENT_LRS="1e-3 2e-3 7e-4")
+def test_students_only_one_per_learning_rate_each_from_its_own_checkpoint(tmp_path):
+    inits = ["models/student/student.pt", "models/teacher/teacher.pt", "models/student/student.pt"]
+    dry_run(tmp_path, GEN_PROCS="1", TEACHER_LR="none", STUDENT_LRS="1e-3 2e-3 7e-4", STUDENT_INITS=" ".join(inits))
     assert released(tmp_path) == ["student_a", "student_b", "student_c"]
-    lrs = [torch.load(tmp_path / "out" / f"student_{m}.pt", weights_only=True)["train_config"]["lr"] for m in "abc"]
-    assert lrs == [1e-3, 2e-3, 7e-4]
+    ckpts = [torch.load(tmp_path / "out" / f"student_{m}.pt", weights_only=True) for m in "abc"]
+    assert [c["train_config"]["lr"] for c in ckpts] == [1e-3, 2e-3, 7e-4]
+    for ckpt, init in zip(ckpts, inits):
+        assert ckpt["arch"]["widths"] == torch.load(ROOT / init, weights_only=True)["arch"]["widths"], init
+    assert ckpts[0]["arch"]["widths"] != ckpts[1]["arch"]["widths"]
+
+
+def test_student_inits_must_match_the_learning_rates_before_any_work(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), DEVICE="cpu", PY=sys.executable)
+    for inits, message in (("models/student/student.pt", "names 1 checkpoints for 2 learning rates"),
+                           ("models/student/student.pt absent.pt", "student checkpoint not found: absent.pt")):
+        r = subprocess.run(["bash", str(ROOT / "tools" / "gpu_training_round.sh")], capture_output=True, text=True,
+                           env=dict(env, STUDENT_LRS="1e-3 2e-3", STUDENT_INITS=inits), timeout=60)
+        assert r.returncode == 1 and message in r.stdout, r.stdout + r.stderr
+        assert not (tmp_path / "work" / "gen").exists()
