@@ -6,6 +6,7 @@ Keys: ``arch`` (with per-conv widths, :mod:`toolchain.compression.arch`),
 friends to the same keys.
 """
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -25,14 +26,18 @@ def checkpoint_extra(model, specs: ModelSpecs, card: dict) -> dict:
 
 
 def write_checkpoint(state: dict, path, what: str = "checkpoint") -> Path:
-    """``torch.save`` ``state`` to ``path`` atomically; an InputError naming ``path`` (and ``what``) on failure."""
+    """``torch.save`` ``state`` to ``path`` atomically (missing folders are made); an InputError naming ``path``
+    (and ``what``) on failure."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(state, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:  # torch.save on a path reports an unwritable folder as a RuntimeError
+            torch.save(state, f)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. its folder is a file
+            tmp.unlink(missing_ok=True)
         raise InputError(path, f"cannot write the {what}: {e.strerror or e}") from None
     return path
 
