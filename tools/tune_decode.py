@@ -107,10 +107,9 @@ def main(argv=None) -> int:
     for pt in points:
         print(f"{str(pt.max_elongation):>14} {str(pt.min_z_span):>10}  {pt.mean_cpm:8.4f}  "
               + " ".join(f"{c:.4f}" for c in pt.cpm))
-    if tuning.prior_cross_validated is not None:
-        prior_cv = tuning.prior_cross_validated
-        print(f"shape prior   cross-validated mean CPM {sum(prior_cv) / len(prior_cv):.4f}  "
-              + " ".join(f"{c:.4f}" for c in prior_cv))
+    prior_cv, prior_cv_mean = tuning.prior_cross_validated, tuning.prior_cross_validated_mean
+    if prior_cv is not None:
+        print(f"shape prior   cross-validated mean CPM {prior_cv_mean:.4f}  " + " ".join(f"{c:.4f}" for c in prior_cv))
     for row in tuning.rescorer_trials:
         print(f"rescorer l2 {row['l2']:>8g}  cross-validated mean CPM {row['mean_cpm']:.4f}  "
               + " ".join(f"{c:.4f}" for c in row["cpm"]))
@@ -122,19 +121,16 @@ def main(argv=None) -> int:
             "grid": [dict(max_elongation=pt.max_elongation, min_z_span=pt.min_z_span, cpm=list(pt.cpm),
                           mean_cpm=pt.mean_cpm) for pt in points],
             "rescorer_cross_validated": tuning.rescorer_trials, "folds": args.folds if args.rescorer else None,
-            "shape_prior_cross_validated": (None if tuning.prior_cross_validated is None else
-                                            {"cpm": list(tuning.prior_cross_validated),
-                                             "mean_cpm": sum(tuning.prior_cross_validated)
-                                             / len(tuning.prior_cross_validated)}),
+            "shape_prior_cross_validated": (None if prior_cv is None else
+                                            {"cpm": list(prior_cv), "mean_cpm": prior_cv_mean}),
             "report_fp_per_scan": args.report_fp_per_scan,
             "chosen": tuned.to_dict()}, indent=1) + "\n")
     print(f"report_threshold {tuned.report_threshold:g}: {args.report_fp_per_scan:g} false positive(s) per scan "
           "on these series")
     if tuning.rescorer_l2 is not None:
         top = next(r for r in tuning.rescorer_trials if r["l2"] == tuning.rescorer_l2)
-        prior_cv = tuning.prior_cross_validated
         print(f"chosen: the rescorer (l2 {top['l2']:g}, cross-validated mean CPM {top['mean_cpm']:.4f} > "
-              f"{sum(prior_cv) / len(prior_cv):.4f} of the shape prior, cross-validated); decode spec written "
+              f"{prior_cv_mean:.4f} of the shape prior, cross-validated); decode spec written "
               f"to {args.out}")
     else:
         print(f"chosen: max_elongation {best.max_elongation}, min_z_span {best.min_z_span} "

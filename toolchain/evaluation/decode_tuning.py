@@ -132,6 +132,12 @@ class DecodeTuning:
     prior_cross_validated: Optional[Tuple[float, ...]]  # CPM per folder; None when the rescorer was not tried
     rescorer_l2: Optional[float]  # the penalty of the rescorer in ``spec``; None: the shape prior was kept
 
+    @property
+    def prior_cross_validated_mean(self) -> Optional[float]:
+        """The mean over folders of :attr:`prior_cross_validated` (what the rescorer had to beat)."""
+        cv = self.prior_cross_validated
+        return None if cv is None else float(np.mean(cv))
+
 
 def tune_decode_spec(findings_per_folder: Sequence[Dict[str, List[Finding]]], folders: Sequence[AnnotatedFolder],
                      base: DecodeSpec, max_elongations: Sequence[Optional[float]],
