@@ -7,6 +7,8 @@
     # the same steps without a teacher: pruned + fine-tuned, and the pruned architecture from scratch
     python tools/distill.py --student runs/pruned/pruned.pt --data data/phantoms --out runs/finetuned
     python tools/distill.py --student runs/pruned/pruned.pt --scratch --data data/phantoms --out runs/scratch
+    # negative crops centred on the student's own false positives (tools/mine_hard_negatives.py)
+    python tools/distill.py ... --hard-negatives runs/hard/student.csv --hard-negative-fraction 0.5
     # data parallel over N processes (gloo on CPUs); each rank draws its own crops
     torchrun --standalone --nproc_per_node=2 tools/distill.py ... --threads 1
 
@@ -26,6 +28,7 @@ from edge.errors import EdgeError, report_user_error  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     from toolchain.compression.distill import HEATMAP_LOSSES, DistillConfig
+    from toolchain.training.hard_negatives import DEFAULT_HARD_NEGATIVE_FRACTION
     from toolchain.training.sampling import POSITIVE_SAMPLING_HELP, POSITIVE_SAMPLING_MODES
     from toolchain.training.slice_cache import CACHE_WORKERS_HELP
     from toolchain.training.trainer import DEVICES, TIME_BUDGET_HELP
@@ -51,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--positive-sampling", choices=POSITIVE_SAMPLING_MODES, default="slice", help=POSITIVE_SAMPLING_HELP)
+    p.add_argument("--hard-negatives", metavar="CSV",
+                   help="hard negatives from tools/mine_hard_negatives.py: negative crops centre on them")
+    p.add_argument("--hard-negative-fraction", type=float, metavar="F",
+                   help=f"share of the negative crops centred on a hard negative (default "
+                        f"{DEFAULT_HARD_NEGATIVE_FRACTION} with --hard-negatives, else 0)")
     g = p.add_argument_group("distillation")
     g.add_argument("--heatmap-loss", choices=HEATMAP_LOSSES, default=d.heatmap_loss,
                    help="focal_mse: focal-weighted MSE on sigmoid maps; kl: channel-wise KL (default %(default)s)")
@@ -90,7 +98,18 @@ def run(args) -> Path:
     return train_student_from_files(args.student, args.data, args.out, cfg, teacher_path=args.teacher,
                                     scratch=args.scratch, distill=distill, name=args.name,
                                     progress=not args.no_progress, resume=args.resume,
-                                    positive_sampling=args.positive_sampling, cache_workers=args.cache_workers)
+                                    positive_sampling=args.positive_sampling, cache_workers=args.cache_workers,
+                                    hard_negatives=args.hard_negatives,
+                                    hard_negative_fraction=hard_negative_fraction(args))
+
+
+def hard_negative_fraction(args) -> float:
+    """--hard-negative-fraction as given, else its default with --hard-negatives and 0 without."""
+    from toolchain.training.hard_negatives import DEFAULT_HARD_NEGATIVE_FRACTION
+
+    if args.hard_negative_fraction is not None:
+        return args.hard_negative_fraction
+    return DEFAULT_HARD_NEGATIVE_FRACTION if args.hard_negatives else 0.0
 
 
 def main(argv=None) -> int:

@@ -133,19 +133,26 @@ def student_mode(teacher_path, scratch: bool) -> str:
 def train_student_from_files(student_path, data_dir, out_dir, cfg: TrainConfig, teacher_path=None,
                              scratch: bool = False, distill: DistillConfig = DistillConfig(),
                              name: Optional[str] = None, progress: bool = True, resume: bool = False,
-                             positive_sampling: str = "slice", cache_workers: int = 1) -> Path:
+                             positive_sampling: str = "slice", cache_workers: int = 1,
+                             hard_negatives=None, hard_negative_fraction: float = 0.0) -> Path:
     """:func:`train_student` from checkpoints and a dataset folder; joins torchrun's process group when launched by it.
 
     The student's architecture (and, unless ``scratch``, its weights) come from
     ``student_path`` (e.g. ``tools/prune.py``'s pruned.pt); the teacher must
     take the same input (same preprocess spec). ``positive_sampling``: see
-    :class:`toolchain.training.sampling.AugmentConfig`.
+    :class:`toolchain.training.sampling.AugmentConfig`; ``hard_negatives`` (a CSV from
+    ``tools/mine_hard_negatives.py``) and ``hard_negative_fraction``: see
+    :func:`toolchain.training.run.build_samplers`.
     """
     from toolchain.training.run import build_samplers
     from toolchain.training.sampling import AugmentConfig
 
+    from toolchain.training.hard_negatives import check_hard_negative_settings, read_hard_negatives
+
     mode = student_mode(teacher_path, scratch)
     distill.check()
+    check_hard_negative_settings(hard_negatives is not None, hard_negative_fraction)
+    negatives = read_hard_negatives(hard_negatives) if hard_negatives is not None else None
     ctx = init_distributed()
     try:
         check_run(cfg, ctx)
@@ -161,10 +168,13 @@ def train_student_from_files(student_path, data_dir, out_dir, cfg: TrainConfig, 
                 raise InputError(Path(teacher_path), f"teacher's preprocess spec differs from the student's "
                                                      f"({student_path}); distillation needs the same input")
         sampler, val_sampler = build_samplers(data_dir, specs.preprocess, specs.decode.stride,
-                                              AugmentConfig(positive_sampling=positive_sampling), cache_workers)
+                                              AugmentConfig(positive_sampling=positive_sampling,
+                                                            hard_negative_fraction=hard_negative_fraction),
+                                              cache_workers, negatives, hard_negatives)
         card = {"name": name or f"student-{mode}", "mode": mode, "student_init": str(student_path),
                 "teacher": str(teacher_path) if teacher_path else None, "positive_sampling": positive_sampling,
-                "device": cfg.device}
+                "device": cfg.device, "hard_negatives": str(hard_negatives) if hard_negatives else None,
+                "hard_negative_fraction": hard_negative_fraction}
         return train_student(student, specs, sampler, val_sampler, cfg, out_dir, teacher=teacher, distill=distill,
                              card=card, ctx=ctx, progress=progress, resume=resume)
     finally:

@@ -2,7 +2,7 @@
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -10,6 +10,7 @@ from edge.errors import ConfigError, InputError
 from edge.preprocess.reference import window_to_unit_range
 from toolchain.models.centernet_unet import build_model, count_parameters
 from toolchain.training.recipes import DEFAULT_DECODE, DEFAULT_PREPROCESS, TEACHER_ARCH
+from toolchain.training.hard_negatives import HardNegative, check_hard_negative_settings, index_hard_negatives
 from toolchain.training.sampling import AugmentConfig, CropSampler
 from toolchain.training.slice_cache import cache_split
 from toolchain.training.trainer import TrainConfig, Trainer
@@ -19,8 +20,16 @@ def _fill_value(spec) -> float:
     return float(window_to_unit_range(spec.fill_hu, spec.windows[0]))
 
 
-def build_samplers(data_dir, spec, stride: int, cfg: Optional[AugmentConfig] = None, workers: int = 1):
-    """Training and validation crop samplers from a dataset folder (``workers``: decoding processes)."""
+def build_samplers(data_dir, spec, stride: int, cfg: Optional[AugmentConfig] = None, workers: int = 1,
+                   hard_negatives: Optional[Sequence[HardNegative]] = None, hard_negatives_source="hard negatives"):
+    """Training and validation crop samplers from a dataset folder (``workers``: decoding processes).
+
+    ``hard_negatives``: rows read from ``hard_negatives_source`` (a CSV from
+    ``tools/mine_hard_negatives.py``); those on the training series are where
+    ``cfg.hard_negative_fraction`` of the negative crops centre.
+    """
+    cfg = cfg or AugmentConfig()
+    check_hard_negative_settings(hard_negatives is not None, cfg.hard_negative_fraction)
     data_dir = Path(data_dir)
     if workers < 1:
         raise ConfigError(f"cache workers must be >= 1 (got {workers})")
@@ -34,9 +43,15 @@ def build_samplers(data_dir, spec, stride: int, cfg: Optional[AugmentConfig] = N
         raise InputError(data_dir / "train", "no usable series")
     print(f"cached {len(train)} train / {len(val)} val series "
           f"({sum(len(s.planes) for s in train)} slices) in {time.time() - t0:.0f} s", flush=True)
-    cfg = cfg or AugmentConfig()
+    hard = []
+    if hard_negatives is not None:
+        hard = index_hard_negatives(hard_negatives, train, hard_negatives_source)
+        if not hard:
+            raise InputError(Path(str(hard_negatives_source)), f"none of its rows is on a series of "
+                                                               f"{data_dir / 'train'} (mined on another dataset?)")
+        print(f"hard negatives: {len(hard)} on {len({h[0] for h in hard})} training series", flush=True)
     fill = _fill_value(spec)
-    return (CropSampler(train, spec.slices, stride, fill, cfg),
+    return (CropSampler(train, spec.slices, stride, fill, cfg, hard),
             CropSampler(val, spec.slices, stride, fill, AugmentConfig(crop=cfg.crop)) if val else None)
 
 

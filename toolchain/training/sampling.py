@@ -10,6 +10,10 @@ a slice that shows a core (then one of its cores), so a 20 mm nodule seen on a
 dozen slices is drawn a dozen times as often as a 4 mm one seen on one;
 ``"nodule"`` draws a nodule first and then one of its core slices, so small
 nodules are seen as often as large ones.
+
+Negative crops are centred anywhere in the middle of a random slice, or, for a
+``hard_negative_fraction`` of them, on a hard negative: a place where a model
+scored high away from every nodule (:mod:`toolchain.training.hard_negatives`).
 """
 
 from collections import defaultdict
@@ -33,6 +37,7 @@ class AugmentConfig:
     crop: int = 128
     positive_fraction: float = 0.5
     positive_sampling: str = "slice"  # "slice" or "nodule" (see the module docstring)
+    hard_negative_fraction: float = 0.0  # of the negative crops, when the sampler is given hard negatives
     rotate_deg: float = 180.0
     scale_range: Tuple[float, float] = (0.8, 1.25)
     noise_sigma_max: float = 0.06
@@ -49,7 +54,10 @@ class AugmentConfig:
 class CropSampler:
     """Draws (input, targets) training crops from cached series."""
 
-    def __init__(self, series: Sequence[CachedSeries], slices: int, stride: int, fill_value: float, cfg: AugmentConfig):
+    def __init__(self, series: Sequence[CachedSeries], slices: int, stride: int, fill_value: float, cfg: AugmentConfig,
+                 hard_negatives: Sequence[Tuple[int, int, float, float]] = ()):
+        """``hard_negatives``: (series index, slice index, row, col) in model-input pixels
+        (:func:`toolchain.training.hard_negatives.index_hard_negatives`)."""
         self.series = list(series)
         self.slices = slices
         self.stride = stride
@@ -60,6 +68,12 @@ class CropSampler:
         # a positive is drawn as a group of (series, slice, entry) core views, then one view of the group:
         # "slice" groups the cores on one slice, "nodule" the slices of one nodule
         self.positives = self._nodule_cores() if cfg.positive_sampling == "nodule" else self._slice_cores()
+        if not 0.0 <= cfg.hard_negative_fraction <= 1.0:
+            raise ValueError(f"hard_negative_fraction must be in [0, 1], not {cfg.hard_negative_fraction}")
+        self.hard_negatives = list(hard_negatives)
+        for si, k, _r, _c in self.hard_negatives:
+            if not (0 <= si < len(self.series) and 0 <= k < len(self.series[si].planes)):
+                raise ValueError(f"hard negative on series {si}, slice {k}: no such cached slice")
 
     def _slice_cores(self) -> List[List[Tuple[int, int, int]]]:
         groups = ([(si, k, e) for e, n in enumerate(ns) if n[3] <= CORE_FRACTION]
@@ -85,6 +99,10 @@ class CropSampler:
             n = self.series[si].nodules[k][e]
             jitter = rng.uniform(-0.35, 0.35, 2) * cfg.crop
             centre = (n[0] + jitter[0], n[1] + jitter[1])
+        elif self.hard_negatives and rng.random() < cfg.hard_negative_fraction:
+            si, k, row, col = self.hard_negatives[rng.integers(len(self.hard_negatives))]
+            jitter = rng.uniform(-0.35, 0.35, 2) * cfg.crop
+            centre = (row + jitter[0], col + jitter[1])
         else:
             si = int(rng.integers(len(self.series)))
             k = int(rng.integers(len(self.series[si].planes)))

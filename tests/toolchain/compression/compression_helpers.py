@@ -45,10 +45,13 @@ def make_sampler(seed: int = 0) -> CropSampler:
 
 def recording_build_samplers(cfgs: list):
     """A stand-in for ``toolchain.training.run.build_samplers``: synthetic crops whatever the folder; each
-    call's AugmentConfig is appended to ``cfgs``."""
+    call's AugmentConfig is appended to ``cfgs`` (and its hard negatives, when given, as a (rows, source) pair)."""
 
-    def build_samplers(data_dir, spec, stride, cfg=None, workers=1):
+    def build_samplers(data_dir, spec, stride, cfg=None, workers=1, hard_negatives=None,
+                       hard_negatives_source="hard negatives"):
         cfgs.append(cfg)
+        if hard_negatives is not None:
+            cfgs.append((hard_negatives, hard_negatives_source))
         return make_sampler(0), None
 
     return build_samplers

@@ -92,3 +92,32 @@ def test_time_budget_and_cache_workers_reach_the_run(tmp_path, teacher_checkpoin
     ckpt = torch.load(tmp_path / "o" / "last.pt", weights_only=True)
     assert ckpt["train_config"]["time_budget_s"] == 600 and ckpt["step"] == ckpt["total_steps"] == 3
     assert ckpt["card"]["device"] == "cpu"
+
+
+def test_hard_negatives_reach_the_samplers_with_the_default_fraction(tmp_path, teacher_checkpoint, synthetic_data):
+    from toolchain.training.hard_negatives import HardNegative, write_hard_negatives
+
+    rows = [HardNegative("1.2.3.0", 2, 30.0, 40.0, 0.8)]
+    write_hard_negatives(tmp_path / "h.csv", rows)
+    distill = load_tool("distill")
+    common = ["--student", str(teacher_checkpoint), "--data", "unused", "--steps", "1", "--batch-size", "2",
+              "--no-progress", "--hard-negatives", str(tmp_path / "h.csv")]
+    assert distill.main(common + ["--out", str(tmp_path / "o")]) == 0
+    cfg, (given, source) = synthetic_data[-2:]
+    assert cfg.hard_negative_fraction == 0.5 and given == rows and source == str(tmp_path / "h.csv")
+    card = torch.load(tmp_path / "o" / "last.pt", weights_only=True)["card"]
+    assert card["hard_negatives"] == str(tmp_path / "h.csv") and card["hard_negative_fraction"] == 0.5
+    assert distill.main(common + ["--out", str(tmp_path / "o2"), "--hard-negative-fraction", "0.25"]) == 0
+    assert synthetic_data[-2].hard_negative_fraction == 0.25
+
+
+def test_hard_negative_errors_come_before_any_data_is_read(tmp_path, teacher_checkpoint, capsys):
+    distill = load_tool("distill")
+    common = ["--student", str(teacher_checkpoint), "--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]
+    for extra, message in ((["--hard-negative-fraction", "0.5"], "needs hard negatives"),
+                           (["--hard-negatives", str(tmp_path / "absent.csv")], "absent.csv"),
+                           (["--hard-negatives", str(tmp_path / "absent.csv"), "--hard-negative-fraction", "2"],
+                            "[0, 1]")):
+        assert distill.main(common + extra) == 1
+        err = capsys.readouterr().err
+        assert message in err and "missing split" not in err, err

@@ -56,3 +56,27 @@ def test_cache_workers_below_one_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="cache workers"):
         build_samplers(tmp_path, DEFAULT_PREPROCESS, 2, workers=0)
+
+
+def test_build_samplers_places_hard_negatives_on_the_training_series(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "edge" / "ingest"))
+    from ingest_helpers import write_series
+
+    from edge.preprocess.spec import PreprocessSpec
+    from toolchain.training.hard_negatives import HardNegative
+    from toolchain.training.run import build_samplers
+    from toolchain.training.sampling import AugmentConfig
+
+    series = {}
+    for split in ("train", "val"):
+        series[split] = write_series(tmp_path / split / "s", n_slices=5, spheres=(), seed=len(split))
+        (tmp_path / split / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+    spec = PreprocessSpec(out_height=32, out_width=32, slices=3)
+    on_train = HardNegative(series["train"].series_uid, 3, 10.0, 12.0, 0.7)
+    on_val = HardNegative(series["val"].series_uid, 1, 5.0, 5.0, 0.9)
+    train, val = build_samplers(tmp_path, spec, 2, AugmentConfig(crop=32, hard_negative_fraction=0.5),
+                                hard_negatives=[on_train, on_val], hard_negatives_source="h.csv")
+    assert train.hard_negatives == [(0, 3, 10.0, 12.0)] and val.hard_negatives == []
+    with pytest.raises(InputError, match="none of its rows") as e:
+        build_samplers(tmp_path, spec, 2, hard_negatives=[on_val], hard_negatives_source="h.csv")
+    assert "h.csv" in str(e.value)
