@@ -75,7 +75,7 @@ def train_detector(data_dir, out_dir, arch=None, steps=3000, batch_size=16, lr=2
                    device="cpu", time_budget_s=0.0, cache_workers=1) -> Path:
     """Train a detector; ``init`` starts from a checkpoint's weights (same architecture) with a fresh schedule.
 
-    ``positive_sampling`` is :class:`AugmentConfig`'s: "slice" or "nodule" (small nodules as often as large ones).
+    ``positive_sampling`` is :class:`AugmentConfig`'s: "slice", "nodule" (small nodules as often as large ones) or "small".
     ``device``, ``time_budget_s``: :class:`TrainConfig`'s; ``cache_workers``: processes decoding the series.
     """
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads, device=device,

@@ -9,7 +9,9 @@ Positive crops are centred on a nodule core. ``positive_sampling="slice"`` draws
 a slice that shows a core (then one of its cores), so a 20 mm nodule seen on a
 dozen slices is drawn a dozen times as often as a 4 mm one seen on one;
 ``"nodule"`` draws a nodule first and then one of its core slices, so small
-nodules are seen as often as large ones.
+nodules are seen as often as large ones; ``"small"`` draws a nodule with a
+probability inversely proportional to its diameter (a 4 mm nodule five times as
+often as a 20 mm one), for models that fall behind on small nodules.
 
 Negative crops are centred anywhere in the middle of a random slice, or, for a
 ``hard_negative_fraction`` of them, on a hard negative: a place where a model
@@ -27,16 +29,17 @@ from toolchain.training.slice_cache import CachedSeries
 from toolchain.training.targets import CORE_FRACTION, SliceNodule, make_slice_targets
 
 
-POSITIVE_SAMPLING_MODES = ("slice", "nodule")
-POSITIVE_SAMPLING_HELP = ("positive crops: every nodule core slice equally (slice, default), or every nodule equally, "
-                          "so small nodules are seen as often as large ones (nodule)")
+POSITIVE_SAMPLING_MODES = ("slice", "nodule", "small")
+POSITIVE_SAMPLING_HELP = ("positive crops: every nodule core slice equally (slice, default), every nodule equally, "
+                          "so small nodules are seen as often as large ones (nodule), or nodules in inverse "
+                          "proportion to their diameter (small)")
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
     crop: int = 128
     positive_fraction: float = 0.5
-    positive_sampling: str = "slice"  # "slice" or "nodule" (see the module docstring)
+    positive_sampling: str = "slice"  # "slice", "nodule" or "small" (see the module docstring)
     hard_negative_fraction: float = 0.0  # of the negative crops, when the sampler is given hard negatives
     rotate_deg: float = 180.0
     scale_range: Tuple[float, float] = (0.8, 1.25)
@@ -66,8 +69,13 @@ class CropSampler:
         if cfg.positive_sampling not in POSITIVE_SAMPLING_MODES:
             raise ValueError(f"positive_sampling must be one of {POSITIVE_SAMPLING_MODES}, not {cfg.positive_sampling!r}")
         # a positive is drawn as a group of (series, slice, entry) core views, then one view of the group:
-        # "slice" groups the cores on one slice, "nodule" the slices of one nodule
-        self.positives = self._nodule_cores() if cfg.positive_sampling == "nodule" else self._slice_cores()
+        # "slice" groups the cores on one slice, "nodule" and "small" the slices of one nodule
+        by_nodule = cfg.positive_sampling in ("nodule", "small")
+        self.positives = self._nodule_cores() if by_nodule else self._slice_cores()
+        self.positive_weights = None  # None: groups drawn uniformly
+        if cfg.positive_sampling == "small" and self.positives:
+            inverse = np.array([1.0 / max(self._diameter(g[0]), 1e-3) for g in self.positives])
+            self.positive_weights = inverse / inverse.sum()
         if not 0.0 <= cfg.hard_negative_fraction <= 1.0:
             raise ValueError(f"hard_negative_fraction must be in [0, 1], not {cfg.hard_negative_fraction}")
         self.hard_negatives = list(hard_negatives)
@@ -84,17 +92,25 @@ class CropSampler:
         cores = defaultdict(list)
         for si, s in enumerate(self.series):
             if s.nodule_ids is None:
-                raise ValueError(f"series {s.series_uid}: nodule_ids are needed for positive_sampling='nodule'")
+                raise ValueError(f"series {s.series_uid}: nodule_ids are needed for positive_sampling="
+                                 f"{self.cfg.positive_sampling!r}")
             for k, (ns, ids) in enumerate(zip(s.nodules, s.nodule_ids)):
                 for e, (n, nid) in enumerate(zip(ns, ids)):
                     if n[3] <= CORE_FRACTION:
                         cores[(si, nid)].append((si, k, e))
         return [cores[key] for key in sorted(cores)]
 
+    def _diameter(self, view: Tuple[int, int, int]) -> float:
+        si, k, e = view
+        return float(self.series[si].nodules[k][e][2])
+
     def sample(self, rng: np.random.Generator):
         cfg = self.cfg
         if self.positives and rng.random() < cfg.positive_fraction:
-            views = self.positives[rng.integers(len(self.positives))]
+            if self.positive_weights is None:
+                views = self.positives[rng.integers(len(self.positives))]
+            else:
+                views = self.positives[rng.choice(len(self.positives), p=self.positive_weights)]
             si, k, e = views[rng.integers(len(views))]
             n = self.series[si].nodules[k][e]
             jitter = rng.uniform(-0.35, 0.35, 2) * cfg.crop

@@ -64,7 +64,10 @@ def small_nodule_share(mode: str, draws: int = 2000) -> float:
     rng = np.random.default_rng(0)
     small = 0
     for _ in range(draws):
-        views = s.positives[rng.integers(len(s.positives))]
+        if s.positive_weights is None:
+            views = s.positives[rng.integers(len(s.positives))]
+        else:
+            views = s.positives[rng.choice(len(s.positives), p=s.positive_weights)]
         si, k, e = views[rng.integers(len(views))]
         small += s.series[si].nodules[k][e][2] < 10
     return small / draws
@@ -74,6 +77,16 @@ def test_nodule_sampling_draws_a_small_nodule_as_often_as_a_large_one():
     # slice mode: 10 core views, 1 of them small (drawn via slice 4 half the time: 1/9 * 1/2)
     assert abs(small_nodule_share("slice") - 1 / 18) < 0.02
     assert abs(small_nodule_share("nodule") - 0.5) < 0.04
+
+
+def test_small_sampling_draws_nodules_in_inverse_proportion_to_their_diameter():
+    s = sampler_of(two_nodule_series(), positive_sampling="small")
+    assert s.positives == sampler_of(two_nodule_series(), positive_sampling="nodule").positives
+    assert s.positive_weights.tolist() == pytest.approx([3 / 23, 20 / 23])  # diameters 20 and 3 px
+    assert abs(small_nodule_share("small") - 20 / 23) < 0.03
+    x, targets = sampler_of(two_nodule_series(), positive_sampling="small",
+                            positive_fraction=1.0).sample(np.random.default_rng(0))
+    assert x.shape == (3, 64, 64) and targets.heatmap.max() == 1.0
 
 
 def test_slice_sampling_groups_the_cores_of_one_slice():
