@@ -144,10 +144,9 @@ def train_student_from_files(student_path, data_dir, out_dir, cfg: TrainConfig, 
     ``tools/mine_hard_negatives.py``) and ``hard_negative_fraction``: see
     :func:`toolchain.training.run.build_samplers`.
     """
+    from toolchain.training.hard_negatives import check_hard_negative_settings, read_hard_negatives
     from toolchain.training.run import build_samplers
     from toolchain.training.sampling import AugmentConfig
-
-    from toolchain.training.hard_negatives import check_hard_negative_settings, read_hard_negatives
 
     mode = student_mode(teacher_path, scratch)
     distill.check()

@@ -1,8 +1,8 @@
 """Hard negatives: where a model scores high on training slices with no nodule, for crops centred there.
 
 Random negative crops rarely land on the few structures that look like a nodule
-on three slices (a vessel seen end-on, a costal cartilage at the anterior lung
-edge), yet those decide the low-false-positive end of the FROC curve. Mining
+on three slices (a vessel seen end-on, a bright spot at the lung's edge), yet
+those decide the low-false-positive end of the FROC curve. Mining
 runs a model over whole training slices (the cached, preprocessed planes the
 sampler crops from), keeps its heatmap peaks at or above a score that lie away
 from every annotated nodule, and writes them as a CSV keyed by series UID and
@@ -25,7 +25,7 @@ DEFAULT_HARD_NEGATIVE_FRACTION = 0.5  # of the negative crops (tools/distill.py)
 CSV_FIELDS = ("series_uid", "slice_index", "row", "col", "score")
 NODULE_CLEARANCE = 1.0  # peaks closer than this many nodule diameters (+ a margin) are not negatives
 NODULE_MARGIN_PX = 4.0
-NODULE_SLICE_REACH = 2  # nodules annotated this many slices away still count (their ends are not annotated)
+NODULE_SLICE_REACH = 2  # nodules annotated this many slices away still count (the 3-slice input shows them)
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import torch
 from edge.errors import ConfigError, InputError
 from edge.preprocess.reference import window_to_unit_range
 from toolchain.models.centernet_unet import build_model, count_parameters
-from toolchain.training.recipes import DEFAULT_DECODE, DEFAULT_PREPROCESS, TEACHER_ARCH
 from toolchain.training.hard_negatives import HardNegative, check_hard_negative_settings, index_hard_negatives
+from toolchain.training.recipes import DEFAULT_DECODE, DEFAULT_PREPROCESS, TEACHER_ARCH
 from toolchain.training.sampling import AugmentConfig, CropSampler
 from toolchain.training.slice_cache import cache_split
 from toolchain.training.trainer import TrainConfig, Trainer
