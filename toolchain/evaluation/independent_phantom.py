@@ -37,7 +37,7 @@ from edge.errors import ConfigError
 
 NODULE_TYPES = ("solid", "part_solid", "ground_glass", "calcified")
 NODULE_TYPE_WEIGHTS = (0.62, 0.1, 0.16, 0.12)
-LOCATIONS = ("parenchymal", "juxtapleural", "juxtavascular")
+LOCATIONS = ("parenchymal", "juxta_pleural", "juxta_vascular")  # the names edge.phantom uses
 LOCATION_WEIGHTS = (0.6, 0.25, 0.15)
 AIR_HU = -1000.0
 
@@ -287,7 +287,7 @@ def place_nodules(body: Body, vessels: Vessels, z_lo: float, z_hi: float, count:
         location = str(rng.choice(LOCATIONS, p=LOCATION_WEIGHTS))
         r = diameter / 2.0
         for _attempt in range(600):
-            if location == "juxtavascular":
+            if location == "juxta_vascular":
                 pick = rng.integers(len(vessels.radius))
                 vr = vessels.radius[pick]
                 if not 0.8 <= vr <= 3.0:
@@ -304,7 +304,7 @@ def place_nodules(body: Body, vessels: Vessels, z_lo: float, z_hi: float, count:
                 continue
             outer = lung_mask(body, *(c + _DIRECTIONS * (r + 2.0)).T)
             inner = lung_mask(body, *(c + _DIRECTIONS * r * 0.3).T)
-            if location == "juxtapleural":
+            if location == "juxta_pleural":
                 if inner.all() and not lung_mask(body, *(c + _DIRECTIONS * (r + 1.0)).T).all():
                     break
             elif outer.all():
