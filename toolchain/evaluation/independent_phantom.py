@@ -169,7 +169,6 @@ def _perpendicular(d: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def grow_vessels(body: Body, rng: np.random.Generator, max_segments: int = 6000) -> Vessels:
     """Random branching trees from each hilum, kept inside the lungs, grown breadth first."""
     segments = []
-    ca, cb = body.cavity
     for side in (-1.0, 1.0):
         hilum = np.array([side * rng.uniform(30.0, 42.0), rng.uniform(-5.0, 10.0), body.carina_z - rng.uniform(5.0, 20.0)])
         stack = deque()
