@@ -27,6 +27,7 @@ import hashlib
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -301,12 +302,11 @@ def place_nodules(body: Body, vessels: Vessels, z_lo: float, z_hi: float, count:
                 continue
             if any(np.linalg.norm(c - n.centre) < (n.diameter_mm + diameter) / 2.0 + 10.0 for n in nodules):
                 continue
-            outer = lung_mask(body, *(c + _DIRECTIONS * (r + 2.0)).T)
-            inner = lung_mask(body, *(c + _DIRECTIONS * r * 0.3).T)
             if location == "juxta_pleural":
+                inner = lung_mask(body, *(c + _DIRECTIONS * r * 0.3).T)
                 if inner.all() and not lung_mask(body, *(c + _DIRECTIONS * (r + 1.0)).T).all():
                     break
-            elif outer.all():
+            elif lung_mask(body, *(c + _DIRECTIONS * (r + 2.0)).T).all():
                 break
         else:
             continue
@@ -380,8 +380,9 @@ class IndependentSeries:
     def row_direction(self) -> Tuple[float, float, float]:
         return (-1.0, 0.0, 0.0) if self.acquisition.feet_first else (1.0, 0.0, 0.0)
 
+    @cached_property
     def pixel_grid(self) -> Tuple[np.ndarray, np.ndarray]:
-        """Patient x and y (mm) of every pixel centre of an axial slice."""
+        """Patient x and y (mm) of every pixel centre of an axial slice (computed once per series)."""
         ps = self.acquisition.pixel_spacing
         x0, y0, _ = self.position(0.0)
         cols = np.arange(self.size) * ps * self.row_direction[0] + x0
@@ -410,6 +411,12 @@ def make_series(seed: int, index: int, size: int = 512, n_slices: int = 80) -> I
     return IndependentSeries(seed, index, body, vessels, nodules, acq, size, slice_z, centre)
 
 
+def _distance_to_segment(qx, qy, qz, d: np.ndarray) -> np.ndarray:
+    """Distance (mm) from points q, given relative to a segment's start, to the segment start..start + d."""
+    t = np.clip((qx * d[0] + qy * d[1] + qz * d[2]) / (d @ d), 0.0, 1.0)
+    return np.sqrt((qx - t * d[0]) ** 2 + (qy - t * d[1]) ** 2 + (qz - t * d[2]) ** 2)
+
+
 def _soft(distance_inside: np.ndarray, ps: float) -> np.ndarray:
     """Anti-aliased coverage from a signed distance (mm, > 0 inside)."""
     return np.clip(distance_inside / ps + 0.5, 0.0, 1.0)
@@ -426,10 +433,9 @@ class _SlicePainter:
 
     def __init__(self, series: IndependentSeries):
         self.s = series
-        self.x, self.y = series.pixel_grid()
+        self.x, self.y = series.pixel_grid
         self.ps = series.acquisition.pixel_spacing
-        ca, cb = series.body.cavity
-        self.cavity = (ca, cb)
+        self.cavity = series.body.cavity
         rng = _rng_for(series.seed, series.index, "texture")
         self.waves = [(rng.normal(size=3) * rng.uniform(0.05, 0.2), rng.uniform(0, 2 * np.pi), rng.uniform(6.0, 14.0))
                       for _ in range(6)]
@@ -525,10 +531,7 @@ class _SlicePainter:
             if box is None:
                 continue
             r0, r1, c0, c1 = box
-            px, py = self.x[r0:r1, c0:c1] - p0[0], self.y[r0:r1, c0:c1] - p0[1]
-            pz = z - p0[2]
-            t = np.clip((px * d[0] + py * d[1] + pz * d[2]) / (d @ d), 0.0, 1.0)
-            dist = np.sqrt((px - t * d[0]) ** 2 + (py - t * d[1]) ** 2 + (pz - t * d[2]) ** 2)
+            dist = _distance_to_segment(self.x[r0:r1, c0:c1] - p0[0], self.y[r0:r1, c0:c1] - p0[1], z - p0[2], d)
             alpha = _soft(r - dist, self.ps) * np.maximum(lungs_f[r0:r1, c0:c1], 0.0)
             sub = hu[r0:r1, c0:c1]
             hu[r0:r1, c0:c1] = np.where(value > sub, sub + alpha * (value - sub), sub)
@@ -552,11 +555,7 @@ class _SlicePainter:
                 alpha = _soft(inside, self.ps)
                 sub = np.where(part.hu > sub, sub + alpha * (part.hu - sub), sub)
             for a, b, w in nod.spicules:
-                d = b - a
-                qx, qy, qz = px - a[0], py - a[1], z - a[2]
-                t = np.clip((qx * d[0] + qy * d[1] + qz * d[2]) / (d @ d), 0.0, 1.0)
-                dist = np.sqrt((qx - t * d[0]) ** 2 + (qy - t * d[1]) ** 2 + (qz - t * d[2]) ** 2)
-                alpha = _soft(w - dist, self.ps)
+                alpha = _soft(w - _distance_to_segment(px - a[0], py - a[1], z - a[2], b - a), self.ps)
                 sub = np.where(nod.hu > sub, sub + alpha * (nod.hu - sub), sub)
             hu[r0:r1, c0:c1] = sub
 
@@ -596,7 +595,7 @@ def stored_pixels(hu: np.ndarray, series: IndependentSeries) -> Tuple[np.ndarray
     hu = np.maximum(hu, -1024.0)
     stored = np.clip(np.rint((hu - intercept) / slope), lo, hi)
     acq = series.acquisition
-    x, y = series.pixel_grid()
+    x, y = series.pixel_grid
     outside = (x - series.centre_xy[0]) ** 2 + (y - series.centre_xy[1]) ** 2 > acq.fov_radius_mm ** 2
     padding = lo if acq.padding else None
     stored[outside] = lo
