@@ -104,13 +104,16 @@ class CropSampler:
         si, k, e = view
         return float(self.series[si].nodules[k][e][2])
 
+    def draw_positive_group(self, rng: np.random.Generator) -> List[Tuple[int, int, int]]:
+        """One group of core views, uniformly or by :attr:`positive_weights`."""
+        if self.positive_weights is None:
+            return self.positives[rng.integers(len(self.positives))]
+        return self.positives[rng.choice(len(self.positives), p=self.positive_weights)]
+
     def sample(self, rng: np.random.Generator):
         cfg = self.cfg
         if self.positives and rng.random() < cfg.positive_fraction:
-            if self.positive_weights is None:
-                views = self.positives[rng.integers(len(self.positives))]
-            else:
-                views = self.positives[rng.choice(len(self.positives), p=self.positive_weights)]
+            views = self.draw_positive_group(rng)
             si, k, e = views[rng.integers(len(views))]
             n = self.series[si].nodules[k][e]
             jitter = rng.uniform(-0.35, 0.35, 2) * cfg.crop

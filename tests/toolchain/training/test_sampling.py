@@ -64,10 +64,7 @@ def small_nodule_share(mode: str, draws: int = 2000) -> float:
     rng = np.random.default_rng(0)
     small = 0
     for _ in range(draws):
-        if s.positive_weights is None:
-            views = s.positives[rng.integers(len(s.positives))]
-        else:
-            views = s.positives[rng.choice(len(s.positives), p=s.positive_weights)]
+        views = s.draw_positive_group(rng)
         si, k, e = views[rng.integers(len(views))]
         small += s.series[si].nodules[k][e][2] < 10
     return small / draws
