@@ -56,11 +56,11 @@ import onnx_graphsurgeon as gs
 from calib.head_fusion import fuse_parallel_heads
 from calib.ranges import INT8_MAX, ZERO_RANGE_AMAX, scale_from_amax
 from edge.errors import ConfigError
+from edge.model_file import QUANTIZATION_KEY
 
 LAYOUTS = ("tensorrt", "cpu")
 WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1}
 MIN_OPSET = 13
-QUANTIZATION_KEY = "ct_edge.quantization"
 
 
 @dataclass

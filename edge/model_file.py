@@ -16,6 +16,7 @@ from edge.preprocess.spec import PreprocessSpec
 PREPROCESS_KEY = "ct_edge.preprocess"
 DECODE_KEY = "ct_edge.decode"
 CARD_KEY = "ct_edge.model_card"
+QUANTIZATION_KEY = "ct_edge.quantization"  # INT8 files only: written by calib.qdq
 
 
 @dataclass(frozen=True)

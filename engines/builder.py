@@ -41,10 +41,10 @@ from edge.engine_manifest import (
     write_manifest,
 )
 from edge.errors import ConfigError, EdgeError, InputError, MissingDependencyError
+from edge.model_file import QUANTIZATION_KEY
 from engines.recipe import Recipe
 
 BUILDER_NAME = "ct-edge tools/build_engine.py"
-QUANTIZATION_KEY = "ct_edge.quantization"  # written by calib.qdq (kept here so the device needs no onnx package)
 _CU_ATTRIBUTE_CC_MAJOR = 75
 _CU_ATTRIBUTE_CC_MINOR = 76
 

@@ -6,7 +6,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from edge.backends.base import Runner, TensorMeta
+from edge.backends.cpu_features import SATURATING_KERNELS, integer_kernels_saturate
 from edge.errors import InputError
+from edge.model_file import QUANTIZATION_KEY
 
 _ORT_TYPES = {
     "tensor(float)": np.dtype(np.float32),
@@ -42,6 +44,9 @@ class OnnxRuntimeRunner(Runner):
             self.session = ort.InferenceSession(self.model_path, sess_options=opts, providers=self.providers)
         except Exception as e:  # ORT raises several unrelated exception types for bad models
             raise InputError(self.model_path, f"ONNX Runtime cannot load the model: {e}") from None
+        if self.providers == ["CPUExecutionProvider"] and _is_int8(self.session) and integer_kernels_saturate():
+            self.session = None
+            raise InputError(self.model_path, f"INT8 model refused: {SATURATING_KERNELS}; use the FP32 model")
 
     def _deactivate_impl(self):
         self.session = None
@@ -62,6 +67,11 @@ class OnnxRuntimeRunner(Runner):
         """The ONNX file's metadata_props (where the preprocessing and decode specs travel)."""
         self._require_active()
         return dict(self.session.get_modelmeta().custom_metadata_map)
+
+
+def _is_int8(session) -> bool:
+    """True for the INT8 files calib/ writes (they carry their quantization record)."""
+    return QUANTIZATION_KEY in session.get_modelmeta().custom_metadata_map
 
 
 def open_onnxruntime_runner(model_path, intra_op_threads: int = 0):

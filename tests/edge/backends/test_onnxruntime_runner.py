@@ -10,8 +10,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ingest"))
 
 from ingest_helpers import blob_specs, build_blob_model  # noqa: E402
 
+from edge.backends import cpu_features, onnxruntime_runner  # noqa: E402
 from edge.backends.onnxruntime_runner import open_onnxruntime_runner  # noqa: E402
 from edge.errors import InputError  # noqa: E402
+from edge.model_file import QUANTIZATION_KEY  # noqa: E402
 
 
 def test_open_reads_the_embedded_specs_and_runs(tmp_path):
@@ -40,3 +42,37 @@ def test_a_model_without_specs_is_a_user_error_and_the_session_is_closed(tmp_pat
     with pytest.raises(InputError, match="bare.onnx.*lacks metadata"):
         open_onnxruntime_runner(path)
     assert closed == [1]
+
+
+def _with_quantization_record(path):
+    m = onnx.load(str(path))
+    m.metadata_props.add(key=QUANTIZATION_KEY, value="{}")
+    onnx.save(m, str(path))
+    return path
+
+
+@pytest.mark.parametrize("saturate", [True, False])
+def test_an_int8_model_is_refused_only_where_integer_kernels_saturate(tmp_path, monkeypatch, saturate):
+    monkeypatch.setattr(onnxruntime_runner, "integer_kernels_saturate", lambda: saturate)
+    plain = build_blob_model(tmp_path / "fp32.onnx", blob_specs())
+    runner, _ = open_onnxruntime_runner(plain)  # an FP32 model runs everywhere
+    runner.deactivate()
+    int8 = _with_quantization_record(build_blob_model(tmp_path / "int8.onnx", blob_specs()))
+    if saturate:
+        with pytest.raises(InputError, match="int8.onnx.*INT8 model refused.*no VNNI.*use the FP32 model"):
+            open_onnxruntime_runner(int8)
+    else:
+        open_onnxruntime_runner(int8)[0].deactivate()
+
+
+@pytest.mark.parametrize("machine,flags,expected", [
+    ("x86_64", "fpu sse avx2 fma", True),
+    ("x86_64", "fpu avx2 avx512f avx512_vnni", False),
+    ("x86_64", "fpu avx2 avx_vnni", False),
+    ("aarch64", "fp asimd asimddp", False),
+])
+def test_integer_kernels_saturate_on_x86_without_vnni(tmp_path, monkeypatch, machine, flags, expected):
+    (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(cpu_features.platform, "machine", lambda: machine)
+    assert cpu_features.integer_kernels_saturate(tmp_path / "cpuinfo") is expected
+    assert cpu_features.integer_kernels_saturate(tmp_path / "absent") is False  # unreadable: trusted
