@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from edge.errors import ConfigError, InputError
-from edge.model_file import ModelSpecs
+from edge.model_file import ModelSpecs, read_model_specs
 from edge.update.bundle import hash_file, write_bundle
 from edge.update.errors import GoldenCheckError
 from edge.update.golden import GoldenVectors, check_golden, make_golden, phantom_inputs
@@ -36,13 +36,6 @@ class PackageResult:
     manifest: Manifest
     golden: GoldenVectors
     notes: List[str] = field(default_factory=list)
-
-
-def _read_specs(onnx_path: Path) -> ModelSpecs:
-    from edge.backends.onnxruntime_runner import OnnxRuntimeRunner
-
-    with OnnxRuntimeRunner(onnx_path) as runner:
-        return ModelSpecs.from_metadata(runner.custom_metadata(), source=onnx_path)
 
 
 def _model_name(specs: ModelSpecs, onnx_path: Path, given: Optional[str]) -> str:
@@ -88,7 +81,7 @@ def package_bundle(
     if not expires_days > 0:
         raise ConfigError(f"--expires-days must be > 0, got {expires_days}")
     onnx = _file(onnx, "ONNX model")
-    specs = _read_specs(onnx)
+    specs = read_model_specs(onnx)
     notes: List[str] = []
     sources: Dict[str, Path] = {MODEL_PAYLOAD: onnx}
     if calibration_cache is not None:
