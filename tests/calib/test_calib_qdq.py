@@ -68,13 +68,17 @@ def test_tensorrt_layout_follows_the_placement_rules(tiny):
     assert len(q.weight_tensors) == len(convs) and not q.float_nodes
 
 
+def ranges_with_headroom(path, x):
+    """Ranges 1.5x the largest FP32 values on these very inputs: quantization noise cannot push an activation
+    out of its range, where the layouts may differ (TensorRT's int8 clips there, the CPU layout's uint8 not)."""
+    fp32_max = compute_ranges(ActivationCollector(path).collect(lambda: iter([x])), "max")
+    return {name: 1.5 * value for name, value in fp32_max.items()}
+
+
 def test_both_layouts_compute_the_same_numbers_within_the_calibrated_ranges(tiny):
     path, model, inputs, _, _ = tiny
     x = inputs[:2]
-    # ranges 1.5x the largest FP32 values on these very inputs: quantization noise cannot push an activation
-    # out of its range, where the layouts may differ (TensorRT's int8 clips there, the CPU layout's uint8 not)
-    fp32_max = compute_ranges(ActivationCollector(path).collect(lambda: iter([x])), "max")
-    amax = {name: 1.5 * value for name, value in fp32_max.items()}
+    amax = ranges_with_headroom(path, x)
     trt = quantize_model(model, amax, "tensorrt")
     cpu = quantize_model(model, amax, "cpu")
     assert cpu.preactivation and check_qdq(trt.model).ok
@@ -89,8 +93,7 @@ def test_both_layouts_compute_the_same_numbers_within_the_calibrated_ranges(tiny
 def test_fused_integer_kernels_compute_what_the_qdq_graph_does(tiny):
     path, model, inputs, _, _ = tiny
     x = inputs[:2]
-    fp32_max = compute_ranges(ActivationCollector(path).collect(lambda: iter([x])), "max")
-    amax = {name: 1.5 * value for name, value in fp32_max.items()}
+    amax = ranges_with_headroom(path, x)
     a = run(quantize_model(model, amax, "tensorrt").model, x)
     # ONNX Runtime's fused integer kernels round biases to int32: still within a few int8 steps
     for fc, fa in zip(run(quantize_model(model, amax, "cpu").model, x, optimize=True), a):
