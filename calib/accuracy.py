@@ -108,10 +108,19 @@ class RunnerComparison:
         return "\n".join(lines + [f"  {e.format()}" for e in self.errors.values()])
 
 
-def onnxrt_runner(path, name: str):
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+def onnxrt_runner(path, name: str, qdq_as_written: bool = False):
+    """polygraphy's ONNX Runtime runner (CPU); ``qdq_as_written``: see :class:`OnnxRuntimeRunner`."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    return OnnxrtRunner(SessionFromOnnx(str(path), providers=["CPUExecutionProvider"]), name=name)
+    def session():
+        import onnxruntime as ort
+
+        from edge.backends.onnxruntime_runner import session_options
+
+        return ort.InferenceSession(str(path), sess_options=session_options(qdq_as_written=qdq_as_written),
+                                    providers=["CPUExecutionProvider"])
+
+    return OnnxrtRunner(session, name=name)
 
 
 def trt_runner(engine_path, name: str):
@@ -199,21 +208,21 @@ def match_findings(reference: Sequence, candidate: Sequence, tolerance_mm: float
         [as_tuple(candidate[j]) for j in range(len(cand)) if j not in used_c])
 
 
-def detect_with_model(model_path, frames) -> list:
+def detect_with_model(model_path, frames, qdq_as_written: bool = False) -> list:
     """Findings of one series with an ONNX model through the runtime's detector (ONNX Runtime, CPU)."""
     from edge.backends.onnxruntime_runner import OnnxRuntimeRunner
     from edge.detector import SeriesDetector
     from edge.model_file import read_model_specs
 
     specs = read_model_specs(model_path)
-    with OnnxRuntimeRunner(model_path) as runner:
+    with OnnxRuntimeRunner(model_path, qdq_as_written=qdq_as_written) as runner:
         return SeriesDetector(runner, specs).detect(frames)
 
 
 # --------------------------------------------------------------------------- CPM
 
 
-def cpm_of_model(model_path, data_dir, annotations_path) -> Tuple[float, int]:
+def cpm_of_model(model_path, data_dir, annotations_path, qdq_as_written: bool = False) -> Tuple[float, int]:
     """(CPM, number of scans) of an ONNX model on a folder of annotated series (LUNA16 rules)."""
     from edge.backends.onnxruntime_runner import OnnxRuntimeRunner
     from edge.model_file import read_model_specs
@@ -222,7 +231,7 @@ def cpm_of_model(model_path, data_dir, annotations_path) -> Tuple[float, int]:
     from toolchain.evaluation.io import read_annotations
 
     specs = read_model_specs(model_path)
-    with OnnxRuntimeRunner(model_path) as runner:
+    with OnnxRuntimeRunner(model_path, qdq_as_written=qdq_as_written) as runner:
         run = detect_folder(data_dir, runner, specs)
     uids, centres, probs = [], [], []
     for s in run.series:

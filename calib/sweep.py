@@ -32,7 +32,7 @@ class SweepRow:
 
 def cpm_sweep(onnx_path, pool_dir, data_dir, annotations, methods: Sequence[str], sizes: Sequence[int], out_dir,
               seed: int = 0, percentile: float = DEFAULT_PERCENTILE,
-              log: Callable[[str], None] = print) -> List[SweepRow]:
+              log: Callable[[str], None] = print, qdq_as_written: bool = False) -> List[SweepRow]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cpm, scans = cpm_of_model(onnx_path, data_dir, annotations)
@@ -49,7 +49,7 @@ def cpm_sweep(onnx_path, pool_dir, data_dir, annotations, methods: Sequence[str]
             _, _, cpu_model, _ = quantize_from_histograms(onnx_path, histograms, method, percentile, info)
             path = out_dir / f"{Path(onnx_path).stem}.{method}.{n}.int8.cpu.onnx"
             write_model(path, cpu_model.model)
-            cpm, scans = cpm_of_model(path, data_dir, annotations)
+            cpm, scans = cpm_of_model(path, data_dir, annotations, qdq_as_written=qdq_as_written)
             rows.append(SweepRow(method, n_slices, cpm, scans))
             log(f"{method} on {n_slices} slice(s): CPM {cpm:.4f} ({cpm - rows[0].cpm:+.4f} vs fp32)")
     return rows

@@ -11,6 +11,10 @@
 3. CPM (with --cpm-data and --annotations): FP32 vs INT8; with --sweep-methods /
    --sweep-sizes also one INT8 model per calibration method and size.
 
+On x86-64 CPUs without VNNI, ONNX Runtime's fused INT8 kernels saturate and
+the INT8 models are refused; --qdq-as-written runs their Q/DQ nodes as written
+(float arithmetic, no fused integer kernels: slower, correct on every CPU).
+
 Exit status: 0 done (and the CPM drop within --max-cpm-drop when CPM is
 measured), 1 error or CPM drop above the limit, 2 bad command line.
 """
@@ -35,6 +39,7 @@ from calib.accuracy import (  # noqa: E402
 from calib.data_loader import DEFAULT_MANIFEST, CalibrationDataLoader, default_model  # noqa: E402
 from calib.ranges import METHODS  # noqa: E402
 from calib.sweep import cpm_sweep, format_table  # noqa: E402
+from edge.backends.cpu_features import SATURATING_KERNELS, integer_kernels_saturate  # noqa: E402
 from edge.errors import ConfigError, EdgeError, InputError, report_user_error  # noqa: E402
 
 DEFAULT_OUT = REPO / "engines" / "built"
@@ -59,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-methods", help=f"comma list of {', '.join(METHODS)}: CPM per method (needs --calib-pool)")
     p.add_argument("--sweep-sizes", default="300", help="comma list of calibration sizes for the sweep")
     p.add_argument("--calib-pool", help="pool of series for the sweep's slice selection")
+    p.add_argument("--qdq-as-written", action="store_true",
+                   help="run the INT8 models' quantize/dequantize nodes as written (graph optimizations off): "
+                        "slower, correct on every CPU, needed where the fused INT8 kernels saturate")
     p.add_argument("--json", help="write every number to this JSON file")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the sweep's models (default %(default)s)")
     return p
@@ -85,14 +93,17 @@ def run(args) -> int:
     for p in [onnx_path] + int8:
         if not p.is_file():
             raise InputError(p, "model not found (make the INT8 models with tools/build_engine.py --int8)")
-    report = {"fp32": str(onnx_path), "int8": [str(p) for p in int8]}
+    as_written = args.qdq_as_written
+    if not as_written and integer_kernels_saturate():
+        raise ConfigError(f"INT8 models refused: {SATURATING_KERNELS}; measure them with --qdq-as-written")
+    report = {"fp32": str(onnx_path), "int8": [str(p) for p in int8], "qdq_as_written": as_written}
 
     loader = CalibrationDataLoader.for_model(onnx_path, args.manifest, limit=args.limit, pool_root=args.pool)
     from edge.model_file import read_model_specs
 
     decode = read_model_specs(onnx_path).decode
     runners = [onnxrt_runner(onnx_path, "fp32-onnxruntime")]
-    runners += [onnxrt_runner(p, f"int8-onnxruntime[{p.name}]") for p in int8]
+    runners += [onnxrt_runner(p, f"int8-onnxruntime[{p.name}]", qdq_as_written=as_written) for p in int8]
     if args.engine:
         try:
             import tensorrt  # noqa: F401
@@ -109,7 +120,7 @@ def run(args) -> int:
     reference = detect_with_model(onnx_path, frames)
     report["findings"] = {}
     for p in int8:
-        agreement = match_findings(reference, detect_with_model(p, frames), args.tolerance_mm)
+        agreement = match_findings(reference, detect_with_model(p, frames, as_written), args.tolerance_mm)
         print(f"{p.name} on the {source}: {agreement.format()}")
         report["findings"][p.name] = vars(agreement)
 
@@ -120,7 +131,7 @@ def run(args) -> int:
         fp32_cpm, scans = cpm_of_model(onnx_path, args.cpm_data, args.annotations)
         report["cpm"] = {"fp32": fp32_cpm, "scans": scans}
         for p in int8:
-            cpm, _ = cpm_of_model(p, args.cpm_data, args.annotations)
+            cpm, _ = cpm_of_model(p, args.cpm_data, args.annotations, qdq_as_written=as_written)
             report["cpm"][p.name] = cpm
             verdict = "within" if cpm >= fp32_cpm - args.max_cpm_drop else "BELOW"
             print(f"CPM on {scans} scan(s): fp32 {fp32_cpm:.4f}, {p.name} {cpm:.4f} ({cpm - fp32_cpm:+.4f}, "
@@ -138,7 +149,8 @@ def run(args) -> int:
                 sizes = [int(s) for s in args.sweep_sizes.split(",") if s.strip()]
             except ValueError:
                 raise ConfigError(f"--sweep-sizes must be a comma list of integers, got {args.sweep_sizes!r}") from None
-            rows = cpm_sweep(onnx_path, args.calib_pool, args.cpm_data, args.annotations, methods, sizes, args.out)
+            rows = cpm_sweep(onnx_path, args.calib_pool, args.cpm_data, args.annotations, methods, sizes, args.out,
+                             qdq_as_written=as_written)
             print(format_table(rows))
             report["sweep"] = [vars(r) for r in rows]
     elif args.sweep_methods:

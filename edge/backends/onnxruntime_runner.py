@@ -22,31 +22,39 @@ _ORT_TYPES = {
 
 
 class OnnxRuntimeRunner(Runner):
-    """Runs an ONNX model with ONNX Runtime (CPU execution provider by default)."""
+    """Runs an ONNX model with ONNX Runtime (CPU execution provider by default).
+
+    ``qdq_as_written`` runs an INT8 model's QuantizeLinear / DequantizeLinear nodes as they are in
+    the file (graph optimizations off: float arithmetic, no fused integer kernels). Slower, and
+    correct on every CPU: the way to measure INT8 accuracy where the fused kernels saturate.
+    """
 
     name = "onnxruntime"
 
-    def __init__(self, model_path, providers: Optional[Sequence[str]] = None, intra_op_threads: int = 0):
+    def __init__(self, model_path, providers: Optional[Sequence[str]] = None, intra_op_threads: int = 0,
+                 qdq_as_written: bool = False):
         super().__init__()
         self.model_path = str(model_path)
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
         self.intra_op_threads = intra_op_threads
+        self.qdq_as_written = qdq_as_written
         self.session = None
 
     def _activate_impl(self):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        if self.intra_op_threads:
-            opts.intra_op_num_threads = self.intra_op_threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
-            self.session = ort.InferenceSession(self.model_path, sess_options=opts, providers=self.providers)
+            self.session = ort.InferenceSession(
+                self.model_path, sess_options=session_options(self.intra_op_threads, self.qdq_as_written),
+                providers=self.providers)
         except Exception as e:  # ORT raises several unrelated exception types for bad models
             raise InputError(self.model_path, f"ONNX Runtime cannot load the model: {e}") from None
-        if self.providers == ["CPUExecutionProvider"] and _is_int8(self.session) and integer_kernels_saturate():
+        if (self.providers == ["CPUExecutionProvider"] and not self.qdq_as_written and _is_int8(self.session)
+                and integer_kernels_saturate()):
             self.session = None
-            raise InputError(self.model_path, f"INT8 model refused: {SATURATING_KERNELS}; use the FP32 model")
+            raise InputError(self.model_path, f"INT8 model refused: {SATURATING_KERNELS}; use the FP32 model "
+                                              "(to measure the INT8 model's accuracy here: tools/check_accuracy.py "
+                                              "--qdq-as-written)")
 
     def _deactivate_impl(self):
         self.session = None
@@ -67,6 +75,18 @@ class OnnxRuntimeRunner(Runner):
         """The ONNX file's metadata_props (where the preprocessing and decode specs travel)."""
         self._require_active()
         return dict(self.session.get_modelmeta().custom_metadata_map)
+
+
+def session_options(intra_op_threads: int = 0, qdq_as_written: bool = False):
+    """ONNX Runtime session options: every graph optimization, or none (Q/DQ nodes run as written)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if intra_op_threads:
+        opts.intra_op_num_threads = intra_op_threads
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if qdq_as_written
+                                     else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    return opts
 
 
 def _is_int8(session) -> bool:

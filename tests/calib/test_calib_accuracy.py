@@ -125,12 +125,20 @@ def test_calibration_writes_every_artifact(calibrated):
     assert any("selected 16 calibration slice(s)" in line for line in lines)
 
 
-@pytest.mark.skipif(integer_kernels_saturate(), reason=SATURATING_KERNELS)  # the runtime refuses INT8 there
-def test_int8_blob_detector_agrees_with_fp32(calibrated):
+# the fused integer kernels only where they do not saturate (the runtime refuses INT8 elsewhere);
+# the Q/DQ nodes as written on every CPU
+FUSED_OR_AS_WRITTEN = [
+    pytest.param(False, id="fused", marks=pytest.mark.skipif(integer_kernels_saturate(), reason=SATURATING_KERNELS)),
+    pytest.param(True, id="qdq-as-written"),
+]
+
+
+@pytest.mark.parametrize("as_written", FUSED_OR_AS_WRITTEN)
+def test_int8_blob_detector_agrees_with_fp32(calibrated, as_written):
     pool, model, art, _ = calibrated
     loader = CalibrationDataLoader.for_model(model, art.manifest)
-    comparisons = compare_runners([onnxrt_runner(model, "fp32"), onnxrt_runner(art.qdq_onnx, "int8-trt"),
-                                   onnxrt_runner(art.cpu_onnx, "int8-cpu")], loader, peak_threshold=0.3)
+    comparisons = compare_runners([onnxrt_runner(model, "fp32"), onnxrt_runner(art.qdq_onnx, "int8-trt", as_written),
+                                   onnxrt_runner(art.cpu_onnx, "int8-cpu", as_written)], loader, peak_threshold=0.3)
     assert [c.candidate for c in comparisons] == ["int8-trt", "int8-cpu"]
     for c in comparisons:
         assert c.polygraphy_passed and c.iterations == 16
@@ -138,7 +146,7 @@ def test_int8_blob_detector_agrees_with_fp32(calibrated):
         assert hm.peak_cells > 0 and hm.peak_max_abs < 0.1 and hm.mean_abs < 0.01
     frames = generate_series(3, "ge_standard", size=SIZE, n_slices=12, n_nodules=3).frames()
     fp32 = detect_with_model(model, frames)
-    int8 = detect_with_model(art.cpu_onnx, frames)
+    int8 = detect_with_model(art.cpu_onnx, frames, as_written)
     assert len(fp32) >= 10
     # this toy has 10 mm output cells and no trained offsets: 1 mm is the student's bar, half a cell is this one's
     strict, loose = match_findings(fp32, int8, tolerance_mm=1.0), match_findings(fp32, int8, tolerance_mm=5.0)
@@ -153,8 +161,8 @@ def load_cli():
     return module
 
 
-@pytest.mark.skipif(integer_kernels_saturate(), reason=SATURATING_KERNELS)  # the runtime refuses INT8 there
-def test_check_accuracy_cli(calibrated, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("as_written", FUSED_OR_AS_WRITTEN)
+def test_check_accuracy_cli(calibrated, tmp_path, capsys, monkeypatch, as_written):
     pool, model, art, _ = calibrated
     cli = load_cli()
     monkeypatch.setattr(cli, "_phantom_frames",
@@ -162,12 +170,51 @@ def test_check_accuracy_cli(calibrated, tmp_path, capsys, monkeypatch):
     out_json = tmp_path / "acc.json"
     rc = cli.main(["--onnx", str(model), "--int8", str(art.cpu_onnx), "--manifest", str(art.manifest), "--limit", "4",
                    "--cpm-data", str(pool / "ge_standard"), "--annotations", str(pool / "ge_standard" / "annotations.csv"),
-                   "--json", str(out_json)])
+                   "--json", str(out_json)] + ["--qdq-as-written"] * as_written)
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "vs fp32-onnxruntime over 4 input(s)" in out and "on the small phantom: findings within 1 mm" in out
     assert "CPM on 1 scan(s)" in out
     report = json.loads(out_json.read_text())
-    assert set(report) >= {"outputs", "findings", "cpm"}
+    assert set(report) >= {"outputs", "findings", "cpm"} and report["qdq_as_written"] is as_written
     rc = cli.main(["--onnx", str(model), "--int8", str(tmp_path / "none.onnx"), "--manifest", str(art.manifest)])
     assert rc == 1 and "model not found" in capsys.readouterr().err
+
+
+def test_check_accuracy_refuses_fused_int8_where_the_kernels_saturate(calibrated, tmp_path, capsys, monkeypatch):
+    pool, model, art, _ = calibrated
+    cli = load_cli()
+    monkeypatch.setattr(cli, "integer_kernels_saturate", lambda: True)
+    rc = cli.main(["--onnx", str(model), "--int8", str(art.cpu_onnx), "--manifest", str(art.manifest), "--limit", "2"])
+    assert rc == 1 and "INT8 models refused" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_phantom_frames",
+                        lambda: (generate_series(3, "ge_standard", size=SIZE, n_slices=10).frames(), "small phantom"))
+    rc = cli.main(["--onnx", str(model), "--int8", str(art.cpu_onnx), "--manifest", str(art.manifest), "--limit", "2",
+                   "--qdq-as-written"])
+    assert rc == 0 and "findings within 1 mm" in capsys.readouterr().out
+
+
+def test_check_accuracy_sweep_runs_its_int8_models_as_written(calibrated, tmp_path, capsys, monkeypatch):
+    pool, model, art, _ = calibrated
+    cli = load_cli()
+    monkeypatch.setattr(cli, "integer_kernels_saturate", lambda: True)
+    monkeypatch.setattr(cli, "_phantom_frames",
+                        lambda: (generate_series(3, "ge_standard", size=SIZE, n_slices=10).frames(), "small phantom"))
+    opened = []
+    import edge.backends.onnxruntime_runner as ort_runner
+
+    original = ort_runner.OnnxRuntimeRunner.__init__
+    monkeypatch.setattr(ort_runner.OnnxRuntimeRunner, "__init__",
+                        lambda self, path, *a, **k: opened.append((Path(path).name, k.get("qdq_as_written", False)))
+                        or original(self, path, *a, **k))
+    out_json = tmp_path / "sweep.json"
+    rc = cli.main(["--onnx", str(model), "--int8", str(art.cpu_onnx), "--manifest", str(art.manifest), "--limit", "2",
+                   "--cpm-data", str(pool / "ge_standard"), "--annotations", str(pool / "ge_standard" / "annotations.csv"),
+                   "--sweep-methods", "max", "--sweep-sizes", "8", "--calib-pool", str(pool), "--out", str(tmp_path / "sw"),
+                   "--qdq-as-written", "--json", str(out_json)])
+    assert rc in (0, 1), capsys.readouterr().err  # 1 only when an INT8 CPM falls past --max-cpm-drop
+    rows = json.loads(out_json.read_text())["sweep"]
+    assert [r["method"] for r in rows] == ["fp32", "max"] and rows[1]["calibration_slices"] == 8
+    int8_opened = [as_written for name, as_written in opened if "int8" in name or ".max." in name]
+    fp32_opened = [as_written for name, as_written in opened if name == model.name]
+    assert int8_opened and all(int8_opened) and fp32_opened and not any(fp32_opened)

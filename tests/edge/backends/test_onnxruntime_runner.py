@@ -59,10 +59,24 @@ def test_an_int8_model_is_refused_only_where_integer_kernels_saturate(tmp_path, 
     runner.deactivate()
     int8 = _with_quantization_record(build_blob_model(tmp_path / "int8.onnx", blob_specs()))
     if saturate:
-        with pytest.raises(InputError, match="int8.onnx.*INT8 model refused.*no VNNI.*use the FP32 model"):
+        with pytest.raises(InputError, match="int8.onnx.*INT8 model refused.*no VNNI.*use the FP32 model.*--qdq-as-written"):
             open_onnxruntime_runner(int8)
     else:
         open_onnxruntime_runner(int8)[0].deactivate()
+
+
+def test_qdq_as_written_runs_an_int8_model_anywhere_with_graph_optimizations_off(tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from edge.backends.onnxruntime_runner import OnnxRuntimeRunner
+
+    monkeypatch.setattr(onnxruntime_runner, "integer_kernels_saturate", lambda: True)
+    int8 = _with_quantization_record(build_blob_model(tmp_path / "int8.onnx", blob_specs()))
+    with OnnxRuntimeRunner(int8, qdq_as_written=True) as runner:
+        level = runner.session.get_session_options().graph_optimization_level
+        assert level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    with OnnxRuntimeRunner(build_blob_model(tmp_path / "fp32.onnx", blob_specs())) as runner:
+        assert runner.session.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 
 @pytest.mark.parametrize("machine,flags,expected", [
