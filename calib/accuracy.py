@@ -112,15 +112,9 @@ def onnxrt_runner(path, name: str, qdq_as_written: bool = False):
     """polygraphy's ONNX Runtime runner (CPU); ``qdq_as_written``: see :class:`OnnxRuntimeRunner`."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
-    def session():
-        import onnxruntime as ort
+    from edge.backends.onnxruntime_runner import create_session
 
-        from edge.backends.onnxruntime_runner import session_options
-
-        return ort.InferenceSession(str(path), sess_options=session_options(qdq_as_written=qdq_as_written),
-                                    providers=["CPUExecutionProvider"])
-
-    return OnnxrtRunner(session, name=name)
+    return OnnxrtRunner(lambda: create_session(str(path), path, graph_optimizations=not qdq_as_written), name=name)
 
 
 def trt_runner(engine_path, name: str):

@@ -244,8 +244,9 @@ class ActivationCollector:
     def __init__(self, model_path, tensors: Optional[Sequence[str]] = None, bins: int = HISTOGRAM_BINS,
                  intra_op_threads: int = 0):
         import onnx
-        import onnxruntime as ort
         from google.protobuf.message import DecodeError
+
+        from edge.backends.onnxruntime_runner import create_session
 
         self.model_path = Path(model_path)
         try:
@@ -264,14 +265,9 @@ class ActivationCollector:
         for name in self.tensors:
             if name not in outputs:
                 model.graph.output.add().name = name
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
-        try:
-            self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises several unrelated exception types for bad models
-            raise InputError(model_path, f"ONNX Runtime cannot load the model: {e}") from None
+        # optimizations off: fusion would hide the activations added as outputs above
+        self.session = create_session(model.SerializeToString(), model_path, intra_op_threads=intra_op_threads,
+                                      graph_optimizations=False)
         self.input_name = self.session.get_inputs()[0].name
 
     def _run(self, batch: np.ndarray) -> Dict[str, np.ndarray]:

@@ -41,20 +41,8 @@ class OnnxRuntimeRunner(Runner):
         self.session = None
 
     def _activate_impl(self):
-        import onnxruntime as ort
-
-        try:
-            self.session = ort.InferenceSession(
-                self.model_path, sess_options=session_options(self.intra_op_threads, self.qdq_as_written),
-                providers=self.providers)
-        except Exception as e:  # ORT raises several unrelated exception types for bad models
-            raise InputError(self.model_path, f"ONNX Runtime cannot load the model: {e}") from None
-        if (self.providers == ["CPUExecutionProvider"] and not self.qdq_as_written and _is_int8(self.session)
-                and integer_kernels_saturate()):
-            self.session = None
-            raise InputError(self.model_path, f"INT8 model refused: {SATURATING_KERNELS}; use the FP32 model "
-                                              "(to measure the INT8 model's accuracy here: tools/check_accuracy.py "
-                                              "--qdq-as-written)")
+        self.session = create_session(self.model_path, self.model_path, self.providers, self.intra_op_threads,
+                                      graph_optimizations=not self.qdq_as_written)
 
     def _deactivate_impl(self):
         self.session = None
@@ -77,16 +65,30 @@ class OnnxRuntimeRunner(Runner):
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
 
-def session_options(intra_op_threads: int = 0, qdq_as_written: bool = False):
-    """ONNX Runtime session options: every graph optimization, or none (Q/DQ nodes run as written)."""
+def create_session(model, source, providers: Sequence[str] = ("CPUExecutionProvider",), intra_op_threads: int = 0,
+                   graph_optimizations: bool = True):
+    """An ONNX Runtime session for ``model`` (a path or serialized bytes; ``source`` names it in errors).
+
+    With ``graph_optimizations`` off, Q/DQ nodes run as written (float arithmetic, no fused integer
+    kernels). With them on, an INT8 model is refused on the CPU where those kernels saturate.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if intra_op_threads:
         opts.intra_op_num_threads = intra_op_threads
-    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if qdq_as_written
-                                     else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    return opts
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if graph_optimizations
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    try:
+        session = ort.InferenceSession(model, sess_options=opts, providers=list(providers))
+    except Exception as e:  # ORT raises several unrelated exception types for bad models
+        raise InputError(source, f"ONNX Runtime cannot load the model: {e}") from None
+    if (graph_optimizations and list(providers) == ["CPUExecutionProvider"] and _is_int8(session)
+            and integer_kernels_saturate()):
+        raise InputError(source, f"INT8 model refused: {SATURATING_KERNELS}; use the FP32 model "
+                                 "(to measure the INT8 model's accuracy here: tools/check_accuracy.py "
+                                 "--qdq-as-written)")
+    return session
 
 
 def _is_int8(session) -> bool:

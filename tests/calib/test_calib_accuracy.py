@@ -218,3 +218,16 @@ def test_check_accuracy_sweep_runs_its_int8_models_as_written(calibrated, tmp_pa
     int8_opened = [as_written for name, as_written in opened if "int8" in name or ".max." in name]
     fp32_opened = [as_written for name, as_written in opened if name == model.name]
     assert int8_opened and all(int8_opened) and fp32_opened and not any(fp32_opened)
+
+
+def test_polygraphy_runner_refuses_fused_int8_where_the_kernels_saturate(calibrated, monkeypatch):
+    from edge.backends import onnxruntime_runner
+    from edge.errors import InputError
+
+    _, _, art, _ = calibrated
+    monkeypatch.setattr(onnxruntime_runner, "integer_kernels_saturate", lambda: True)
+    with pytest.raises(InputError, match="INT8 model refused"):
+        onnxrt_runner(art.cpu_onnx, "int8").activate()
+    runner = onnxrt_runner(art.cpu_onnx, "int8", qdq_as_written=True)
+    runner.activate()
+    runner.deactivate()
